@@ -1,0 +1,234 @@
+"""The engine: validates requests, runs scheduler step -> model runner -> outputs, and frees what ends."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tokenyard.config import EngineConfig
+from tokenyard.engine.model_runner import ModelRunner
+from tokenyard.kv.manager import KVCacheManager
+from tokenyard.model.config import ModelConfig
+from tokenyard.model.loader import load_state_dict, read_hf_config, resolve_model
+from tokenyard.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from tokenyard.outputs import RequestOutput
+from tokenyard.sampling_params import InvalidParameterError, SamplingParams
+from tokenyard.sched.request import Request, RequestStatus
+from tokenyard.sched.scheduler import Scheduler, SchedulerConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class _Tracked:
+    req: Request
+    params: SamplingParams
+    detok: IncrementalDetokenizer
+    out: RequestOutput
+    max_stop_len: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        t0 = time.perf_counter()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        resolved = resolve_model(config.model)
+        self.model_name = resolved.name
+        self.model_config = ModelConfig.from_hf(read_hf_config(resolved.hf_dir))
+        self.tokenizer = Tokenizer(resolved.hf_dir)
+        mc = self.model_config
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = _DTYPES[config.dtype]
+        per_block = ModelRunner.kv_bytes_per_block(mc, config.block_size, dtype)
+        num_blocks = config.num_kv_blocks or max(int(config.kv_cache_memory_gb * 2**30) // per_block, 1)
+        if config.num_host_blocks is not None:
+            num_host = config.num_host_blocks
+        else:
+            num_host = int(config.swap_space_gb * 2**30) // per_block if config.preemption_mode == "swap" else 0
+        self.runner = ModelRunner(
+            mc, load_state_dict(resolved.hf_dir), num_blocks=num_blocks, block_size=config.block_size,
+            num_host_blocks=num_host, max_model_len=self.max_model_len, device=device, dtype=dtype,
+        )
+        self.kv = KVCacheManager(num_blocks, config.block_size, num_host, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_num_seqs=config.max_num_seqs,
+                scheduling_policy=config.scheduling_policy,
+                preemption_mode=config.preemption_mode,
+            ),
+            self.kv,
+        )
+        eos = set(mc.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self._tracked: dict[str, _Tracked] = {}
+        self._ids = itertools.count()
+        self.num_prompt_tokens = 0
+        self.num_generated_tokens = 0
+        self.num_steps = 0
+        self.load_time_s = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ requests
+    def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Prompt text or token ids -> validated token ids (ValueError naming `prompt` otherwise)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidParameterError("prompt", "prompt must not be empty")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+            if any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
+                raise InvalidParameterError("prompt", "prompt token ids must be integers")
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise InvalidParameterError(
+                    "prompt", f"prompt token id {bad[0]} outside the vocabulary [0, {self.model_config.vocab_size})"
+                )
+        else:
+            raise InvalidParameterError("prompt", f"prompt must be a string or a list of token ids, got {type(prompt)}")
+        if not ids:
+            raise InvalidParameterError("prompt", "prompt must not be empty")
+        if len(ids) >= self.max_model_len:
+            raise InvalidParameterError(
+                "prompt",
+                f"prompt has {len(ids)} tokens but the model's context window is {self.max_model_len} "
+                f"(at least one token must be left to generate)",
+            )
+        return ids
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        priority: int = 0,
+        tenant: str = "default",
+        arrival_time: float | None = None,
+    ) -> str:
+        """Validate and queue a request. Raises ValueError before any state changes."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidParameterError("sampling_params", "sampling_params must be a SamplingParams")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise InvalidParameterError("priority", f"priority must be an integer, got {priority!r}")
+        ids = self.tokenize_prompt(prompt)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self._tracked:
+            raise InvalidParameterError("request_id", f"request_id {rid!r} is already in use")
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= self.eos_token_ids
+        req = Request(
+            request_id=rid,
+            prompt_token_ids=ids,
+            max_tokens=params.max_tokens,
+            stop_token_ids=frozenset(stop_ids),
+            min_tokens=params.min_tokens,
+            priority=priority,
+            tenant=tenant,
+            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+            max_model_len=self.max_model_len,
+        )
+        self.scheduler.add_request(req)  # raises (with no change) if the request can never fit the pool
+        self.runner.add_request(rid, params)
+        out = RequestOutput(request_id=rid, prompt_token_ids=ids, logprobs=[] if params.logprobs is not None else None)
+        out.metrics["arrival_time"] = req.arrival_time
+        self._tracked[rid] = _Tracked(
+            req, params, IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens), out,
+            max((len(s) for s in params.stop), default=0),
+        )
+        self.num_prompt_tokens += len(ids)
+        return rid
+
+    def abort_request(self, request_ids: str | list[str]) -> list[RequestOutput]:
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        self.scheduler.abort_requests(ids)
+        outs = []
+        for rid in ids:
+            t = self._tracked.pop(rid, None)
+            if t is not None:
+                t.out.finish_reason = "abort"
+                t.out.new_text, t.out.new_token_ids = "", []
+                outs.append(t.out)
+        return outs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        """One scheduling decision, one forward pass. Returns the requests that got a token this step."""
+        out = self.scheduler.schedule()
+        if self.config.check_invariants:
+            self.scheduler.check_output(out)
+        results = self.runner.execute(out)
+        self.num_steps += 1
+        touched = self.scheduler.update_from_output(out, {rid: tok for rid, (tok, _) in results.items()})
+        now = time.monotonic()
+        outputs = []
+        for req in touched:
+            t = self._tracked[req.request_id]
+            o = t.out
+            tok, lp = results[req.request_id]
+            self.num_generated_tokens += 1
+            if "first_token_time" not in o.metrics:
+                o.metrics["first_token_time"] = now
+                o.num_cached_tokens = max(req.num_cached_tokens, 0)
+            o.token_ids.append(tok)
+            o.new_token_ids = [tok]
+            if o.logprobs is not None and lp is not None:
+                o.logprobs.append(lp)
+            status = req.status
+            hide = status is RequestStatus.FINISHED_STOPPED and tok in req.stop_token_ids
+            delta = "" if hide else t.detok.add([tok])
+            if t.params.stop and delta:
+                cut = self._find_stop(t, delta)
+                if cut is not None:
+                    delta = delta[: max(cut - (len(t.detok.text) - len(delta)), 0)]
+                    t.detok.text = t.detok.text[:cut]
+                    if not status.finished:
+                        self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+                        status = RequestStatus.FINISHED_STOPPED
+            o.text = t.detok.text
+            o.new_text = delta
+            if status.finished:
+                o.finish_reason = status.value
+                o.metrics["finished_time"] = now
+                del self._tracked[req.request_id]
+            outputs.append(o)
+        if self.config.check_invariants:
+            self.scheduler.check_invariants()
+        return outputs
+
+    @staticmethod
+    def _find_stop(t: _Tracked, delta: str) -> int | None:
+        text = t.detok.text
+        start = max(len(text) - len(delta) - t.max_stop_len + 1, 0)
+        hits = [i for i in (text.find(s, start) for s in t.params.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    # ------------------------------------------------------------------ introspection
+    def stats(self) -> dict[str, float]:
+        s = self.scheduler
+        return {
+            "num_running": len(s.running),
+            "num_waiting": len(s.waiting),
+            "num_swapped": len(s.swapped),
+            "kv_blocks_used": self.kv.num_used_blocks,
+            "kv_blocks_free": self.kv.num_free_blocks,
+            "kv_blocks_total": self.kv.pool.num_blocks,
+            "num_preemptions": s.num_preemptions,
+            "prefix_cache_queries": self.kv.prefix_queries,
+            "prefix_cache_hits": self.kv.prefix_hits,
+            "prompt_tokens": self.num_prompt_tokens,
+            "generated_tokens": self.num_generated_tokens,
+        }

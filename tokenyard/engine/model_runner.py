@@ -1,0 +1,140 @@
+"""Executes one step decision: swap copies, the forward pass over the paged cache, sampling."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenyard.engine.sampler import SampleState, make_sample_state, sample
+from tokenyard.model.config import ModelConfig
+from tokenyard.model.llama import AttentionMetadata, LlamaModel, LlamaWeights, PrefillChunk
+from tokenyard.outputs import TokenLogprob
+from tokenyard.sampling_params import SamplingParams
+from tokenyard.sched.output import ScheduledChunk, SchedulerOutput
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        state_dict: dict[str, torch.Tensor],
+        *,
+        num_blocks: int,
+        block_size: int,
+        num_host_blocks: int,
+        max_model_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.block_size = block_size
+        weights = LlamaWeights(cfg, state_dict, dtype, device)
+        self.model = LlamaModel(cfg, weights, max_model_len, device)
+        shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        host_shape = (cfg.num_layers, num_host_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        pin = device.type == "cuda"
+        self.k_host = torch.zeros(host_shape, dtype=dtype, pin_memory=pin)
+        self.v_host = torch.zeros(host_shape, dtype=dtype, pin_memory=pin)
+        self.states: dict[str, SampleState] = {}
+
+    @staticmethod
+    def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        elem = torch.tensor([], dtype=dtype).element_size()
+        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+    def add_request(self, request_id: str, params: SamplingParams) -> None:
+        self.states[request_id] = make_sample_state(params, self.device)
+
+    def remove_requests(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.states.pop(rid, None)
+
+    # ------------------------------------------------------------------ execution
+    def execute(self, out: SchedulerOutput) -> dict[str, tuple[int, TokenLogprob | None]]:
+        self.remove_requests(out.finished)
+        if out.swap_out:
+            self._copy_blocks(out.swap_out, to_host=True)
+        if out.swap_in:
+            self._copy_blocks(out.swap_in, to_host=False)
+        if not out.chunks:
+            return {}
+        decodes = [c for c in out.chunks if c.num_tokens == 1]
+        prefills = [c for c in out.chunks if c.num_tokens > 1]
+        input_ids, positions, meta, rows, sampled = self._prepare(decodes, prefills)
+        logits = self.model.forward(input_ids, positions, meta, self.k_cache, self.v_cache, rows)
+        tokens, logprobs = sample(logits, [self.states[c.request_id] for c in sampled])
+        return {c.request_id: (t, lp) for c, t, lp in zip(sampled, tokens, logprobs)}
+
+    def _prepare(self, decodes: list[ScheduledChunk], prefills: list[ScheduledChunk]):
+        bs = self.block_size
+        dev = self.device
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        rows: list[int] = []
+        sampled: list[ScheduledChunk] = []
+        for c in decodes:
+            p = c.start_pos
+            if c.sample:
+                rows.append(len(ids))
+                sampled.append(c)
+            ids.append(c.token_ids[0])
+            pos.append(p)
+            slots.append(c.block_ids[p // bs] * bs + p % bs)
+        prefill_meta: list[PrefillChunk] = []
+        for c in prefills:
+            q_start = len(ids)
+            n = c.num_tokens
+            ids.extend(c.token_ids)
+            rng = range(c.start_pos, c.start_pos + n)
+            pos.extend(rng)
+            bids = c.block_ids
+            slots.extend(bids[p // bs] * bs + p % bs for p in rng)
+            if c.sample:
+                rows.append(len(ids) - 1)
+                sampled.append(c)
+            mask = None
+            block_ids = None
+            if c.start_pos > 0:
+                kv_len = c.start_pos + n
+                q_pos = torch.arange(c.start_pos, kv_len)
+                mask = torch.arange(kv_len)[None, :] <= q_pos[:, None]
+                mask = mask.to(dev)
+                block_ids = torch.tensor(bids[: -(-kv_len // bs)], device=dev)
+            prefill_meta.append(PrefillChunk(q_start, n, c.start_pos, block_ids, mask))
+        nd = len(decodes)
+        block_tables = decode_mask = None
+        if nd:
+            width = max(len(c.block_ids) for c in decodes)
+            table = [c.block_ids + [0] * (width - len(c.block_ids)) for c in decodes]
+            block_tables = torch.tensor(table, device=dev)
+            ctx = torch.tensor([c.start_pos + 1 for c in decodes], device=dev)
+            decode_mask = (torch.arange(width * bs, device=dev)[None, :] < ctx[:, None])[:, None, None, :]
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, device=dev),
+            num_decodes=nd,
+            decode_block_tables=block_tables,
+            decode_mask=decode_mask,
+            prefills=prefill_meta,
+        )
+        return (
+            torch.tensor(ids, device=dev),
+            torch.tensor(pos, device=dev),
+            meta,
+            torch.tensor(rows, device=dev),
+            sampled,
+        )
+
+    @torch.inference_mode()
+    def _copy_blocks(self, pairs: list[tuple[int, int]], to_host: bool) -> None:
+        src = torch.tensor([s for s, _ in pairs])
+        dst = torch.tensor([d for _, d in pairs])
+        if to_host:
+            self.k_host[:, dst] = self.k_cache[:, src.to(self.device)].to("cpu")
+            self.v_host[:, dst] = self.v_cache[:, src.to(self.device)].to("cpu")
+        else:
+            d = dst.to(self.device)
+            self.k_cache[:, d] = self.k_host[:, src].to(self.device)
+            self.v_cache[:, d] = self.v_host[:, src].to(self.device)

@@ -1,0 +1,183 @@
+"""Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2) over a paged KV cache.
+
+Written as plain functions over weight tensors rather than ``nn.Module`` trees: per-step Python overhead
+is what limits decode speed on small models, and each module call costs hooks and attribute lookups.
+
+Every step runs one flat batch of tokens (decodes first, then prefill chunks). The linear layers see the
+whole flat batch; attention runs once for all decodes (keys gathered from their block tables, padding
+masked) and once per prefill chunk (causal with an offset when earlier chunks are cached).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tokenyard.model.config import ModelConfig
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+@dataclass
+class PrefillChunk:
+    q_start: int               # row of the chunk's first token in the flat batch
+    q_len: int
+    start_pos: int             # tokens already in the cache before this chunk
+    block_ids: torch.Tensor    # [num_blocks] long
+    mask: torch.Tensor | None  # [q_len, start_pos + q_len] bool, None when start_pos == 0
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor              # [T] flat cache slot of each new token
+    num_decodes: int                        # the first rows of the batch are single-token decodes
+    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks]
+    decode_mask: torch.Tensor | None        # [num_decodes, 1, 1, max_blocks * block_size] bool
+    prefills: list[PrefillChunk]
+
+
+class LlamaWeights:
+    """Weights in the layout the forward pass wants: fused QKV and gate/up projections."""
+
+    def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device) -> None:
+        def get(name: str) -> torch.Tensor:
+            try:
+                t = state[name]
+            except KeyError:
+                raise ValueError(f"model: weight {name!r} missing from checkpoint") from None
+            return t.to(device=device, dtype=dtype).contiguous()
+
+        self.embed = get("model.embed_tokens.weight")
+        self.norm = get("model.norm.weight")
+        if cfg.tie_word_embeddings or "lm_head.weight" not in state:
+            self.lm_head = self.embed
+        else:
+            self.lm_head = get("lm_head.weight")
+        self.layers: list[LayerWeights] = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            qkv_bias = None
+            if cfg.attention_bias:
+                qkv_bias = torch.cat([get(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
+            self.layers.append(LayerWeights(
+                input_norm=get(p + "input_layernorm.weight"),
+                qkv=torch.cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
+                qkv_bias=qkv_bias,
+                o=get(p + "self_attn.o_proj.weight"),
+                post_norm=get(p + "post_attention_layernorm.weight"),
+                gate_up=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
+                down=get(p + "mlp.down_proj.weight"),
+            ))
+
+
+def rope_tables(cfg: ModelConfig, max_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [max_len, head_dim], computed as Hugging Face does (float32, then cast)."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    pos = torch.arange(max_len, dtype=torch.int64).float()
+    freqs = pos[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(device), emb.sin().to(device)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same arithmetic as transformers' LlamaRMSNorm, so outputs match it bit for bit.
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + eps))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos) + (rotated * sin)
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, weights: LlamaWeights, max_len: int, device: torch.device) -> None:
+        self.cfg = cfg
+        self.w = weights
+        self.device = device
+        self.cos, self.sin = rope_tables(cfg, max_len, device)
+        self.scale = cfg.head_dim ** -0.5
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.gqa = cfg.num_heads != cfg.num_kv_heads
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,      # [T]
+        positions: torch.Tensor,      # [T]
+        meta: AttentionMetadata,
+        k_cache: torch.Tensor,        # [layers, num_blocks, block_size, kv_heads, head_dim]
+        v_cache: torch.Tensor,
+        logits_rows: torch.Tensor,    # rows whose next-token logits are wanted
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        T = input_ids.shape[0]
+        H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        eps = cfg.rms_norm_eps
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        x = F.embedding(input_ids, self.w.embed)
+        for li, lw in enumerate(self.w.layers):
+            h = rms_norm(x, lw.input_norm, eps)
+            qkv = F.linear(h, lw.qkv, lw.qkv_bias)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = rotate(q.view(T, H, D), cos, sin)
+            k = rotate(k.view(T, KVH, D), cos, sin)
+            v = v.view(T, KVH, D)
+            kc = k_cache[li]
+            vc = v_cache[li]
+            kc.view(-1, KVH, D).index_copy_(0, meta.slot_mapping, k)
+            vc.view(-1, KVH, D).index_copy_(0, meta.slot_mapping, v)
+            attn = self._attention(q, k, v, kc, vc, meta)
+            x = x + F.linear(attn.reshape(T, H * D), lw.o)
+            h = rms_norm(x, lw.post_norm, eps)
+            gate, up = F.linear(h, lw.gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, lw.down)
+        x = rms_norm(x[logits_rows], self.w.norm, eps)
+        return F.linear(x, self.w.lm_head)
+
+    def _attention(self, q, k, v, kc, vc, meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, H, D]; k, v: [T, KVH, D] (this step's); kc, vc: one layer's paged cache."""
+        D = self.cfg.head_dim
+        KVH = self.cfg.num_kv_heads
+        outs = []
+        nd = meta.num_decodes
+        if nd:
+            bt = meta.decode_block_tables
+            keys = kc[bt].view(nd, -1, KVH, D).transpose(1, 2)    # [nd, KVH, L, D]
+            vals = vc[bt].view(nd, -1, KVH, D).transpose(1, 2)
+            o = F.scaled_dot_product_attention(
+                q[:nd].unsqueeze(2), keys, vals, attn_mask=meta.decode_mask,
+                scale=self.scale, enable_gqa=self.gqa,
+            )                                                      # [nd, H, 1, D]
+            outs.append(o.squeeze(2))
+        for pc in meta.prefills:
+            qs = q[pc.q_start:pc.q_start + pc.q_len].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+            if pc.start_pos == 0:
+                keys = k[pc.q_start:pc.q_start + pc.q_len]
+                vals = v[pc.q_start:pc.q_start + pc.q_len]
+            else:
+                kv_len = pc.start_pos + pc.q_len
+                keys = kc[pc.block_ids].view(-1, KVH, D)[:kv_len]
+                vals = vc[pc.block_ids].view(-1, KVH, D)[:kv_len]
+            o = F.scaled_dot_product_attention(
+                qs, keys.transpose(0, 1).unsqueeze(0), vals.transpose(0, 1).unsqueeze(0),
+                attn_mask=pc.mask, is_causal=pc.mask is None, scale=self.scale, enable_gqa=self.gqa,
+            )                                                      # [1, H, n, D]
+            outs.append(o.squeeze(0).transpose(0, 1))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
