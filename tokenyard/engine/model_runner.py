@@ -64,6 +64,8 @@ class ModelRunner:
         prefills = [c for c in out.chunks if c.num_tokens > 1]
         input_ids, positions, meta, rows, sampled = self._prepare(decodes, prefills)
         logits = self.model.forward(input_ids, positions, meta, self.k_cache, self.v_cache, rows)
+        if not sampled:
+            return {}
         tokens, logprobs = sample(logits, [self.states[c.request_id] for c in sampled])
         return {c.request_id: (t, lp) for c, t, lp in zip(sampled, tokens, logprobs)}
 
@@ -113,7 +115,7 @@ class ModelRunner:
             ctx = torch.tensor([c.start_pos + 1 for c in decodes], device=dev)
             decode_mask = (torch.arange(width * bs, device=dev)[None, :] < ctx[:, None])[:, None, None, :]
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decodes=nd,
             decode_block_tables=block_tables,
             decode_mask=decode_mask,
@@ -123,7 +125,7 @@ class ModelRunner:
             torch.tensor(ids, device=dev),
             torch.tensor(pos, device=dev),
             meta,
-            torch.tensor(rows, device=dev),
+            torch.tensor(rows, dtype=torch.long, device=dev),
             sampled,
         )
 
