@@ -1,10 +1,35 @@
-"""tokenyard: an LLM serving system that schedules requests at every level."""
+"""tokenyard: an LLM serving system that schedules requests at every level.
 
-from tokenyard.config import EngineConfig
-from tokenyard.engine.llm_engine import LLMEngine
-from tokenyard.entrypoints.llm import LLM
-from tokenyard.outputs import RequestOutput
-from tokenyard.sampling_params import InvalidParameterError, SamplingParams
+The public names load lazily, so ``import tokenyard.sched`` (pure Python, used by the simulator) does not
+pull in torch through this package's ``__init__``.
+"""
 
-__all__ = ["LLM", "EngineConfig", "InvalidParameterError", "LLMEngine", "RequestOutput", "SamplingParams"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "LLM": "tokenyard.entrypoints.llm",
+    "LLMEngine": "tokenyard.engine.llm_engine",
+    "EngineConfig": "tokenyard.config",
+    "RequestOutput": "tokenyard.outputs",
+    "SamplingParams": "tokenyard.sampling_params",
+    "InvalidParameterError": "tokenyard.sampling_params",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from tokenyard.config import EngineConfig
+    from tokenyard.engine.llm_engine import LLMEngine
+    from tokenyard.entrypoints.llm import LLM
+    from tokenyard.outputs import RequestOutput
+    from tokenyard.sampling_params import InvalidParameterError, SamplingParams
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'tokenyard' has no attribute {name!r}")

@@ -1,0 +1,93 @@
+"""Bad input gets a clear ValueError naming the parameter, raised before any state changes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokenyard import LLM, InvalidParameterError, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir):
+    return LLM(model=str(tiny_llama_dir), block_size=4, check_invariants=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=-3), "max_tokens"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(logprobs=-1), "logprobs"),
+        (dict(stop=[""]), "stop"),
+    ],
+)
+def test_bad_sampling_params(kwargs, param):
+    with pytest.raises(InvalidParameterError) as e:
+        SamplingParams(**kwargs)
+    assert e.value.param == param
+    assert param in str(e.value)
+
+
+def _assert_untouched(llm):
+    engine = llm.engine
+    assert not engine.has_unfinished_requests()
+    assert engine.kv.num_used_blocks == 0
+    engine.scheduler.check_invariants()
+
+
+def test_empty_prompt(llm):
+    for bad in ("", []):
+        with pytest.raises(ValueError, match="prompt"):
+            llm.generate(["w5 w6", bad])
+    _assert_untouched(llm)
+
+
+def test_prompt_longer_than_context(llm):
+    too_long = [5] * llm.engine.max_model_len
+    with pytest.raises(ValueError, match="context window"):
+        llm.generate([[5, 6, 7], too_long])
+    _assert_untouched(llm)
+
+
+def test_token_id_outside_vocabulary(llm):
+    with pytest.raises(ValueError, match="vocabulary"):
+        llm.generate([[5, 6, 100000]])
+    _assert_untouched(llm)
+
+
+def test_engine_still_serves_after_bad_input(llm):
+    out = llm.generate(["w5 w6 w7"], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    assert len(out[0].token_ids) == 3
+    _assert_untouched(llm)
+
+
+def test_unknown_model_path(tmp_path):
+    with pytest.raises(ValueError, match="model"):
+        LLM(model=str(tmp_path / "nope"))
+
+
+def test_non_llama_architecture(tmp_path):
+    d = tmp_path / "gpt2ish"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    from safetensors.numpy import save_file
+    import numpy as np
+
+    save_file({"x": np.zeros(1, dtype=np.float32)}, str(d / "model.safetensors"))
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        LLM(model=str(d))
+
+
+def test_bad_engine_args(tiny_llama_dir):
+    with pytest.raises(ValueError, match="preemption_mode"):
+        LLM(model=str(tiny_llama_dir), preemption_mode="teleport")
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        LLM(model=str(tiny_llama_dir), scheduling_policy="random")
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        LLM(model=str(tiny_llama_dir), max_num_batched_tokens=0)

@@ -1,0 +1,130 @@
+"""Property-based tests of the scheduler and KV bookkeeping alone: no model, random workloads."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tokenyard.kv.manager import KVCacheManager
+from tokenyard.sched.request import Request, RequestStatus
+from tokenyard.sched.scheduler import Scheduler, SchedulerConfig
+
+
+def _fake_token(rng: random.Random) -> int:
+    return rng.randrange(3, 50)  # small vocab so prefixes repeat and the prefix cache is exercised
+
+
+@st.composite
+def workloads(draw):
+    block_size = draw(st.sampled_from([1, 2, 4, 16]))
+    num_blocks = draw(st.integers(4, 64))
+    budget = draw(st.integers(1, 96))
+    n_req = draw(st.integers(1, 14))
+    reqs = []
+    for i in range(n_req):
+        max_len = num_blocks * block_size  # every request must be able to fit alone
+        plen = draw(st.integers(1, max(1, min(60, max_len - 1))))
+        max_tokens = draw(st.integers(1, max(1, min(20, max_len - plen))))
+        reqs.append(dict(
+            arrive=draw(st.integers(0, 30)), plen=plen, max_tokens=max_tokens,
+            priority=draw(st.integers(0, 3)), abort_at=draw(st.one_of(st.none(), st.integers(0, 60))),
+            shared=draw(st.booleans()),
+        ))
+    return dict(
+        block_size=block_size, num_blocks=num_blocks, budget=budget, reqs=reqs,
+        max_num_seqs=draw(st.integers(1, 16)),
+        policy=draw(st.sampled_from(["fcfs", "priority"])),
+        mode=draw(st.sampled_from(["recompute", "swap"])),
+        host_blocks=draw(st.integers(0, 64)),
+        caching=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads())
+def test_random_workloads_keep_invariants_and_finish(w):
+    rng = random.Random(w["seed"])
+    kv = KVCacheManager(w["num_blocks"], w["block_size"], w["host_blocks"], w["caching"])
+    sched = Scheduler(
+        SchedulerConfig(max_num_batched_tokens=w["budget"], max_num_seqs=w["max_num_seqs"],
+                        scheduling_policy=w["policy"], preemption_mode=w["mode"]),
+        kv,
+    )
+    shared_prefix = [_fake_token(rng) for _ in range(64)]
+    pending = sorted(enumerate(w["reqs"]), key=lambda x: x[1]["arrive"])
+    live: dict[str, Request] = {}
+    finished: dict[str, RequestStatus] = {}
+    step = 0
+    while pending or sched.has_unfinished_requests():
+        while pending and pending[0][1]["arrive"] <= step:
+            i, spec = pending.pop(0)
+            base = shared_prefix if spec["shared"] else [_fake_token(rng) for _ in range(64)]
+            prompt = (base + [_fake_token(rng) for _ in range(64)])[: spec["plen"]]
+            req = Request(f"r{i}", prompt, spec["max_tokens"], priority=spec["priority"], arrival_time=float(step))
+            sched.add_request(req)
+            live[req.request_id] = req
+        for rid, req in list(live.items()):
+            spec = w["reqs"][int(rid[1:])]
+            if spec["abort_at"] is not None and spec["abort_at"] == step and not req.status.finished:
+                sched.abort_requests([rid])
+        out = sched.schedule()
+        sched.check_output(out)
+        sampled = {c.request_id: _fake_token(rng) for c in out.chunks if c.sample}
+        sched.update_from_output(out, sampled)
+        sched.check_invariants()
+        for rid, req in list(live.items()):
+            if req.status.finished:
+                finished[rid] = req.status
+                del live[rid]
+        step += 1
+        assert step < 5000, "scheduler made no progress"
+    assert len(finished) == len(w["reqs"])
+    for rid, status in finished.items():
+        req_spec = w["reqs"][int(rid[1:])]
+        if status is RequestStatus.FINISHED_LENGTH:
+            pass
+        else:
+            assert status is RequestStatus.FINISHED_ABORTED, (rid, status, req_spec)
+    assert kv.num_used_blocks == 0
+    assert kv.host_pool.num_free_blocks == w["host_blocks"]
+
+
+def test_decodes_are_scheduled_before_prefill_chunks():
+    kv = KVCacheManager(64, 4, 0, False)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=8), kv)
+    sched.add_request(Request("a", list(range(3, 6)), 10, arrival_time=0.0))
+    sched.update_from_output(out := sched.schedule(), {"a": 7})
+    assert out.chunks[0].num_tokens == 3
+    sched.add_request(Request("b", list(range(3, 40)), 10, arrival_time=1.0))
+    out = sched.schedule()
+    assert [(c.request_id, c.num_tokens) for c in out.chunks] == [("a", 1), ("b", 7)]
+    sched.check_output(out)
+
+
+def test_prefix_hit_never_covers_last_prompt_token():
+    kv = KVCacheManager(64, 4, 0, True)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), kv)
+    prompt = list(range(3, 19))  # 16 tokens = 4 full blocks
+    sched.add_request(Request("a", prompt, 1, arrival_time=0.0))
+    sched.update_from_output(sched.schedule(), {"a": 5})
+    sched.add_request(Request("b", prompt, 1, arrival_time=1.0))
+    out = sched.schedule()
+    assert out.chunks[0].start_pos == 12 and out.chunks[0].num_tokens == 4
+    sched.update_from_output(out, {"b": 5})
+    sched.check_invariants()
+
+
+def test_request_larger_than_pool_is_rejected_without_state_change():
+    kv = KVCacheManager(4, 4, 0, True)
+    sched = Scheduler(SchedulerConfig(), kv)
+    try:
+        sched.add_request(Request("big", list(range(3, 20)), 10))
+    except ValueError as e:
+        assert "KV cache" in str(e)
+    else:
+        raise AssertionError("expected ValueError")
+    assert not sched.has_unfinished_requests()
+    sched.check_invariants()

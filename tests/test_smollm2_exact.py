@@ -1,0 +1,34 @@
+"""The real bundled SmolLM2-135M-Instruct: tokenyard's greedy tokens equal transformers' on the same weights.
+
+transformers loads the directory tokenyard converted the GGUF into (dequantized fp32 weights), so both
+run exactly the same numbers.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.reference import hf_greedy
+from tokenyard import LLM, SamplingParams
+from tokenyard.model.loader import resolve_model
+
+PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write one sentence about trains."}],
+    [{"role": "user", "content": "List three colors."}],
+]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(max_num_batched_tokens=32, check_invariants=True, kv_cache_memory_gb=0.25)
+
+
+def test_bundled_model_matches_transformers(llm):
+    hf_dir = resolve_model(None).hf_dir
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    outs = llm.chat(PROMPTS, params)
+    for out in outs:
+        assert out.token_ids == hf_greedy(hf_dir, out.prompt_token_ids, 16)
+    assert "Paris" in outs[0].text
+    assert llm.engine.kv.num_used_blocks == 0
