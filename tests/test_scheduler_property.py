@@ -23,7 +23,7 @@ def workloads(draw):
     budget = draw(st.integers(1, 96))
     n_req = draw(st.integers(1, 14))
     reqs = []
-    for i in range(n_req):
+    for _i in range(n_req):
         max_len = num_blocks * block_size  # every request must be able to fit alone
         plen = draw(st.integers(1, max(1, min(60, max_len - 1))))
         max_tokens = draw(st.integers(1, max(1, min(20, max_len - plen))))

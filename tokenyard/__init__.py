@@ -21,12 +21,12 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
-    from tokenyard.config import EngineConfig
-    from tokenyard.engine.llm_engine import LLMEngine
-    from tokenyard.entrypoints.llm import LLM
-    from tokenyard.outputs import RequestOutput
-    from tokenyard.sampling_params import InvalidParameterError, SamplingParams
+if TYPE_CHECKING:  # noqa: SIM108 - for type checkers and IDEs only
+    from tokenyard.config import EngineConfig  # noqa: F401
+    from tokenyard.engine.llm_engine import LLMEngine  # noqa: F401
+    from tokenyard.entrypoints.llm import LLM  # noqa: F401
+    from tokenyard.outputs import RequestOutput  # noqa: F401
+    from tokenyard.sampling_params import InvalidParameterError, SamplingParams  # noqa: F401
 
 
 def __getattr__(name: str):

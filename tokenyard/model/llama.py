@@ -83,25 +83,25 @@ class LlamaWeights:
 
 
 def rope_tables(cfg: ModelConfig, max_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape [max_len, head_dim], computed as Hugging Face does (float32, then cast)."""
+    """cos and sign-folded sin, [max_len, head_dim], computed as Hugging Face computes its tables.
+
+    HF rotates with ``x * cos + cat(-x2, x1) * sin``. Folding the minus into the first half of ``sin`` turns
+    that into ``x * cos + roll(x, half) * sin'``: fewer ops, and bit for bit the same (negation is exact).
+    """
     dim = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     pos = torch.arange(max_len, dtype=torch.int64).float()
     freqs = pos[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(device), emb.sin().to(device)
+    sin = emb.sin()
+    sin[:, : dim // 2] = -sin[:, : dim // 2]
+    return emb.cos().to(device), sin.to(device)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Same arithmetic as transformers' LlamaRMSNorm, so outputs match it bit for bit.
-    variance = x.pow(2).mean(-1, keepdim=True)
-    return weight * (x * torch.rsqrt(variance + eps))
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos) + (rotated * sin)
+    # transformers' LlamaRMSNorm arithmetic, op for op, so results match it bit for bit. (F.rms_norm gives
+    # the same bits but is a composite op that costs more per call at decode sizes.)
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
 class LlamaModel:
@@ -129,27 +129,35 @@ class LlamaModel:
         T = input_ids.shape[0]
         H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         eps = cfg.rms_norm_eps
+        half = D // 2
+        qk_heads = H + KVH
+        qk_size = self.q_size + self.kv_size
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
+        slots = meta.slot_mapping
+        linear, silu = F.linear, F.silu
         x = F.embedding(input_ids, self.w.embed)
         for li, lw in enumerate(self.w.layers):
             h = rms_norm(x, lw.input_norm, eps)
-            qkv = F.linear(h, lw.qkv, lw.qkv_bias)
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = rotate(q.view(T, H, D), cos, sin)
-            k = rotate(k.view(T, KVH, D), cos, sin)
-            v = v.view(T, KVH, D)
+            qkv = linear(h, lw.qkv, lw.qkv_bias)
+            # RoPE on q and k at once: [T, H + KVH, D].
+            qk = qkv[:, :qk_size].view(T, qk_heads, D)
+            qk = qk * cos + qk.roll(half, -1) * sin
+            q = qk[:, :H]
+            k = qk[:, H:]
+            v = qkv[:, qk_size:].view(T, KVH, D)
             kc = k_cache[li]
             vc = v_cache[li]
-            kc.view(-1, KVH, D).index_copy_(0, meta.slot_mapping, k)
-            vc.view(-1, KVH, D).index_copy_(0, meta.slot_mapping, v)
+            kc.view(-1, KVH, D).index_copy_(0, slots, k)
+            vc.view(-1, KVH, D).index_copy_(0, slots, v)
             attn = self._attention(q, k, v, kc, vc, meta)
-            x = x + F.linear(attn.reshape(T, H * D), lw.o)
+            x = x + linear(attn.reshape(T, H * D), lw.o)
             h = rms_norm(x, lw.post_norm, eps)
-            gate, up = F.linear(h, lw.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, lw.down)
+            gate_up = linear(h, lw.gate_up)
+            inter = gate_up.shape[-1] // 2
+            x = x + linear(silu(gate_up[:, :inter]) * gate_up[:, inter:], lw.down)
         x = rms_norm(x[logits_rows], self.w.norm, eps)
-        return F.linear(x, self.w.lm_head)
+        return linear(x, self.w.lm_head)
 
     def _attention(self, q, k, v, kc, vc, meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, KVH, D] (this step's); kc, vc: one layer's paged cache."""
@@ -159,8 +167,9 @@ class LlamaModel:
         nd = meta.num_decodes
         if nd:
             bt = meta.decode_block_tables
-            keys = kc[bt].view(nd, -1, KVH, D).transpose(1, 2)    # [nd, KVH, L, D]
-            vals = vc[bt].view(nd, -1, KVH, D).transpose(1, 2)
+            flat = bt.view(-1)
+            keys = kc.index_select(0, flat).view(nd, -1, KVH, D).transpose(1, 2)    # [nd, KVH, L, D]
+            vals = vc.index_select(0, flat).view(nd, -1, KVH, D).transpose(1, 2)
             o = F.scaled_dot_product_attention(
                 q[:nd].unsqueeze(2), keys, vals, attn_mask=meta.decode_mask,
                 scale=self.scale, enable_gqa=self.gqa,
@@ -173,8 +182,8 @@ class LlamaModel:
                 vals = v[pc.q_start:pc.q_start + pc.q_len]
             else:
                 kv_len = pc.start_pos + pc.q_len
-                keys = kc[pc.block_ids].view(-1, KVH, D)[:kv_len]
-                vals = vc[pc.block_ids].view(-1, KVH, D)[:kv_len]
+                keys = kc.index_select(0, pc.block_ids).view(-1, KVH, D)[:kv_len]
+                vals = vc.index_select(0, pc.block_ids).view(-1, KVH, D)[:kv_len]
             o = F.scaled_dot_product_attention(
                 qs, keys.transpose(0, 1).unsqueeze(0), vals.transpose(0, 1).unsqueeze(0),
                 attn_mask=pc.mask, is_causal=pc.mask is None, scale=self.scale, enable_gqa=self.gqa,
