@@ -1,0 +1,88 @@
+"""The FastAPI application: routes, middleware, error handlers and the engine's lifespan."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from tokenyard import __version__
+from tokenyard.engine.async_engine import AsyncEngine
+from tokenyard.server.errors import APIError, install_error_handlers
+from tokenyard.server.metrics import ServerMetrics
+from tokenyard.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
+from tokenyard.server.protocol import ChatCompletionRequest, CompletionRequest
+from tokenyard.server.serving import OpenAIServing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerSettings:
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    shutdown_timeout: float = 30.0     # seconds in-flight requests get to finish on shutdown
+
+
+def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        log.info("shutting down: waiting up to %.0f s for %d in-flight requests",
+                 settings.shutdown_timeout, engine.num_inflight)
+        await engine.shutdown(settings.shutdown_timeout)
+
+    app = FastAPI(title="tokenyard", version=__version__, lifespan=lifespan)
+    metrics = ServerMetrics(engine.stats)
+    serving = OpenAIServing(engine, metrics)
+    created = int(time.time())
+    install_error_handlers(app)
+    # Starlette runs the middleware added last first: the key is checked before a body is even read.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+
+    def model_card() -> dict:
+        return {"id": engine.model_name, "object": "model", "created": created, "owned_by": "tokenyard",
+                "max_model_len": engine.max_model_len}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if engine.is_running:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        if model_id != engine.model_name:
+            raise APIError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, raw: Request) -> Response:
+        return await serving.chat(body, raw)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: Request) -> Response:
+        return await serving.completions(body, raw)
+
+    app.state.engine = engine
+    app.state.metrics = metrics
+    return app

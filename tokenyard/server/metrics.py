@@ -1,0 +1,90 @@
+"""Prometheus metrics: latency histograms and request counts observed here, engine state read at scrape time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                    10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.1, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 120.0, 240.0, 480.0)
+
+# engine.stats() key -> (metric name, help)
+_GAUGES = {
+    "num_running": ("tokenyard_num_requests_running", "Requests holding KV blocks and scheduled each step."),
+    "num_waiting": ("tokenyard_num_requests_waiting", "Requests queued in the scheduler."),
+    "num_swapped": ("tokenyard_num_requests_swapped", "Requests whose KV lives in host swap space."),
+    "kv_blocks_used": ("tokenyard_kv_blocks_used", "Device KV blocks in use."),
+    "kv_blocks_free": ("tokenyard_kv_blocks_free", "Device KV blocks free."),
+    "kv_blocks_total": ("tokenyard_kv_blocks_total", "Device KV blocks in the pool."),
+}
+_COUNTERS = {
+    "num_preemptions": ("tokenyard_preemptions", "Requests preempted (swap or recompute)."),
+    "prefix_cache_queries": ("tokenyard_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache."),
+    "prefix_cache_hits": ("tokenyard_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache."),
+    "prompt_tokens": ("tokenyard_prompt_tokens", "Prompt tokens of accepted requests."),
+    "generated_tokens": ("tokenyard_generation_tokens", "Tokens generated."),
+}
+
+
+class _EngineCollector(Collector):
+    """Reads the engine's own cumulative counts at scrape time, so they are never double kept."""
+
+    def __init__(self, stats: Callable[[], dict[str, float]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator:
+        s = self.stats()
+        for key, (name, doc) in _GAUGES.items():
+            yield GaugeMetricFamily(name, doc, value=s.get(key, 0))
+        yield GaugeMetricFamily("tokenyard_num_requests_pending", "Requests not yet given their first token "
+                                "(bounded by --max-waiting).", value=s.get("num_pending", 0))
+        for key, (name, doc) in _COUNTERS.items():
+            yield CounterMetricFamily(name, doc, value=s.get(key, 0))
+
+
+class ServerMetrics:
+    def __init__(self, stats: Callable[[], dict[str, float]]) -> None:
+        self.registry = CollectorRegistry()
+        self.ttft = Histogram("tokenyard_time_to_first_token_seconds", "Time from request arrival to first token.",
+                              buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.itl = Histogram("tokenyard_inter_token_latency_seconds", "Time between two tokens of one request.",
+                             buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("tokenyard_e2e_request_latency_seconds", "Time from request arrival to its end.",
+                             buckets=_E2E_BUCKETS, registry=self.registry)
+        self.requests = Counter("tokenyard_requests", "Finished engine requests (one per choice).",
+                                ["tenant", "finish_reason"], registry=self.registry)
+        self.registry.register(_EngineCollector(stats))
+
+    def tracker(self, tenant: str, arrival: float) -> RequestTracker:
+        return RequestTracker(self, tenant[:64], arrival)
+
+
+class RequestTracker:
+    """Latency bookkeeping of one engine request, fed each delta as it reaches the server."""
+
+    def __init__(self, metrics: ServerMetrics, tenant: str, arrival: float) -> None:
+        self.m, self.tenant, self.arrival = metrics, tenant, arrival
+        self.last: float | None = None
+        self.done = False
+
+    def on_tokens(self, n: int) -> None:
+        if n <= 0:
+            return
+        now = time.monotonic()
+        if self.last is None:
+            self.m.ttft.observe(now - self.arrival)
+        else:
+            self.m.itl.observe((now - self.last) / n)
+        self.last = now
+
+    def on_finish(self, reason: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.m.e2e.observe(time.monotonic() - self.arrival)
+        self.m.requests.labels(tenant=self.tenant, finish_reason=reason).inc()

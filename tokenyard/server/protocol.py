@@ -1,0 +1,147 @@
+"""Request bodies of the OpenAI-compatible API, as pydantic models (their errors become OpenAI 400s)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tokenyard.sampling_params import InvalidParameterError
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_template_input(self) -> dict[str, str]:
+        """The plain {role, content} dict chat templates expect ("developer" is the newer "system")."""
+        if isinstance(self.content, list):
+            content = "".join(p.text for p in self.content)
+        else:
+            content = self.content or ""
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class _SamplingFields(BaseModel):
+    """What chat and completion requests share."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=128)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)                 # extension
+    min_tokens: int = Field(0, ge=0)                      # extension
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False                              # extension
+    priority: int = 0                                     # extension: lower is more urgent
+    user: str | None = None                               # becomes the tenant
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if any(not s for s in stops):
+            raise InvalidParameterError("stop", "stop strings must not be empty")
+        return stops
+
+    def check_supported(self) -> None:
+        """Reject OpenAI parameters the engine cannot honour, instead of silently ignoring them."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise InvalidParameterError(name, f"{name} is not supported; use 0 or leave it out")
+        if self.logit_bias:
+            raise InvalidParameterError("logit_bias", "logit_bias is not supported")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidParameterError("stream_options", "stream_options is only allowed when stream is true")
+
+    @property
+    def tenant(self) -> str:
+        return self.user or "default"
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict] | None = None
+    response_format: dict | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.tools:
+            raise InvalidParameterError("tools", "tools (function calling) are not supported")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise InvalidParameterError("response_format", "only response_format type 'text' is supported")
+
+    @property
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo:
+            raise InvalidParameterError("echo", "echo is not supported")
+        if self.suffix:
+            raise InvalidParameterError("suffix", "suffix is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidParameterError("best_of", "best_of other than n is not supported")
+
+    @property
+    def output_limit(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: the API takes a string, a token list, or a batch of either."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise InvalidParameterError("prompt", "prompt must not be empty")
+        if isinstance(p[0], int):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]

@@ -1,0 +1,311 @@
+"""The two generation endpoints: request -> engine requests (one per choice) -> OpenAI response or SSE stream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from tokenyard.engine.async_engine import AsyncEngine, RequestStream
+from tokenyard.outputs import RequestOutput, TokenLogprob
+from tokenyard.sampling_params import InvalidParameterError, SamplingParams
+from tokenyard.server.errors import APIError, from_exception
+from tokenyard.server.formatting import CompletionLogprobs, TokenStrings, chat_logprobs, sse, usage
+from tokenyard.server.metrics import RequestTracker, ServerMetrics
+from tokenyard.server.protocol import ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Choice:
+    """What one engine request (one choice) has produced so far."""
+
+    tracker: RequestTracker
+    text: list[str] = field(default_factory=list)
+    num_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_cached_tokens: int = 0
+    completion_logprobs: CompletionLogprobs = field(default_factory=CompletionLogprobs)
+
+    def add(self, out: RequestOutput) -> None:
+        self.text.append(out.text)
+        self.num_tokens += len(out.token_ids)
+        if out.logprobs:
+            self.logprobs.extend(out.logprobs)
+        self.num_cached_tokens = out.num_cached_tokens
+        self.tracker.on_tokens(len(out.token_ids))
+        if out.finished:
+            self.finish_reason = out.finish_reason
+            self.tracker.on_finish(out.finish_reason or "stop")
+
+
+@dataclass
+class _Job:
+    """One API call in flight: its prompts, choices and engine streams."""
+
+    kind: str                       # "chat" | "completion"
+    id: str
+    created: int
+    model: str
+    prompt_lens: list[int]
+    n: int
+    choices: list[_Choice]
+    streams: list[RequestStream]
+    num_logprobs: int | None
+    include_usage: bool
+
+    def usage(self) -> dict:
+        cached = sum(self.choices[p * self.n].num_cached_tokens for p in range(len(self.prompt_lens)))
+        return usage(sum(self.prompt_lens), sum(c.num_tokens for c in self.choices), cached)
+
+    def close(self) -> None:
+        for s in self.streams:
+            s.abort()
+        for c in self.choices:
+            if c.finish_reason is None:
+                c.tracker.on_finish("abort")
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.tokenizer = engine.tokenizer
+        self.text_of = TokenStrings(engine.tokenizer)
+
+    # ------------------------------------------------------------------ endpoints
+    async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        arrival = time.monotonic()
+        self._check_common(req)
+        messages = [m.as_template_input() for m in req.messages]
+        ids = await asyncio.to_thread(self.tokenizer.apply_chat_template, messages)
+        job = await self._start("chat", req, [ids], req.output_limit, req.num_logprobs, arrival)
+        if req.stream:
+            return self._sse(job, self._chat_chunks(job))
+        return await self._unless_disconnected(raw, self._chat_response(job))
+
+    async def completions(self, req: CompletionRequest, raw: Request) -> Response:
+        arrival = time.monotonic()
+        self._check_common(req)
+        prompts = [await self._tokenize(p) for p in req.prompts()]
+        job = await self._start("completion", req, prompts, req.output_limit, req.num_logprobs, arrival)
+        if req.stream:
+            return self._sse(job, self._completion_chunks(job))
+        return await self._unless_disconnected(raw, self._completion_response(job))
+
+    # ------------------------------------------------------------------ shared steps
+    def _check_common(self, req: ChatCompletionRequest | CompletionRequest) -> None:
+        if req.model is not None and req.model != self.engine.model_name:
+            raise APIError(404, f"The model `{req.model}` does not exist. This server serves "
+                                f"`{self.engine.model_name}`.", param="model", code="model_not_found")
+        req.check_supported()
+
+    async def _tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidParameterError("prompt", "prompt must not be empty")
+            return await asyncio.to_thread(self.tokenizer.encode, prompt)
+        return prompt  # token ids: the engine checks them
+
+    def _max_tokens(self, kind: str, prompt_len: int, requested: int | None) -> int:
+        """The output limit, checked against the context window (OpenAI's 400 when it does not fit)."""
+        limit = self.engine.max_model_len
+        where = "messages" if kind == "chat" else "prompt"
+        if requested is None:
+            room = min(limit, self.engine.kv_capacity_tokens) - prompt_len
+            if room >= 1:
+                return room
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your {where} "
+                                f"resulted in {prompt_len} tokens. Please reduce the length of the {where}.",
+                           param=where, code="context_length_exceeded")
+        if prompt_len + requested > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                f"{prompt_len + requested} tokens ({prompt_len} in the {where}, {requested} in the "
+                                f"completion). Please reduce the length of the {where} or completion.",
+                           param=where, code="context_length_exceeded")
+        return requested
+
+    async def _start(self, kind: str, req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]],
+                     requested: int | None, num_logprobs: int | None, arrival: float) -> _Job:
+        stops = req.stop_list()
+        items = []
+        for ids in prompts:
+            max_tokens = self._max_tokens(kind, len(ids), requested)
+            for i in range(req.n):
+                items.append((ids, SamplingParams(
+                    max_tokens=max_tokens,
+                    temperature=1.0 if req.temperature is None else req.temperature,
+                    top_p=1.0 if req.top_p is None else req.top_p,
+                    top_k=-1 if req.top_k is None else req.top_k,
+                    seed=None if req.seed is None else req.seed + i,
+                    stop=stops,
+                    ignore_eos=req.ignore_eos,
+                    min_tokens=min(req.min_tokens, max_tokens),
+                    logprobs=num_logprobs,
+                )))
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        job_id = f"{prefix}-{uuid.uuid4().hex}"
+        streams = await self.engine.add_requests(
+            items, priority=req.priority, tenant=req.tenant,
+            request_ids=[f"{job_id}-{k}" for k in range(len(items))],
+        )
+        choices = [_Choice(self.metrics.tracker(req.tenant, arrival)) for _ in items]
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _Job(kind, job_id, int(time.time()), self.engine.model_name, [len(p) for p in prompts], req.n,
+                    choices, streams, num_logprobs, include_usage)
+
+    async def _unless_disconnected(self, raw: Request, work: Awaitable[dict]) -> Response:
+        """Run a non-streaming job, but abort it (and free its KV) if the client hangs up meanwhile."""
+        task = asyncio.ensure_future(work)
+
+        async def disconnected() -> None:
+            while (await raw.receive())["type"] != "http.disconnect":
+                pass
+
+        watch = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not task.done():
+                task.cancel()
+        if task.cancelled():
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        return JSONResponse(task.result())
+
+    @staticmethod
+    def _sse(job: _Job, chunks: AsyncIterator[str]) -> StreamingResponse:
+        async def body() -> AsyncIterator[str]:
+            try:
+                async for c in chunks:
+                    yield c
+            finally:  # the client left (cancelled) or the stream ended: nothing may keep running
+                job.close()
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @staticmethod
+    async def _merged(job: _Job) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Deltas of all the job's choices as they come; aborts whatever is unfinished on exit."""
+        if len(job.streams) == 1:
+            try:
+                async for out in job.streams[0]:
+                    yield 0, out
+            finally:
+                job.close()
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, stream: RequestStream) -> None:
+            try:
+                async for out in stream:
+                    queue.put_nowait((i, out))
+            except Exception as e:  # noqa: BLE001 - re-raised on the consumer's side
+                queue.put_nowait((i, e))
+            queue.put_nowait((i, None))
+
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(job.streams)]
+        try:
+            left = len(tasks)
+            while left:
+                i, item = await queue.get()
+                if item is None:
+                    left -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            job.close()
+
+    async def _collect(self, job: _Job) -> None:
+        async for i, out in self._merged(job):
+            job.choices[i].add(out)
+        if any(c.finish_reason == "abort" for c in job.choices):
+            raise APIError(503, "the request was aborted by the server (shutting down)", "server_error")
+
+    # ------------------------------------------------------------------ chat
+    async def _chat_response(self, job: _Job) -> dict:
+        await self._collect(job)
+        choices = []
+        for i, c in enumerate(job.choices):
+            choices.append({
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(c.text)},
+                "logprobs": chat_logprobs(c.logprobs, self.text_of) if job.num_logprobs is not None else None,
+                "finish_reason": c.finish_reason,
+            })
+        return {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.model,
+                "choices": choices, "usage": job.usage(), "system_fingerprint": None}
+
+    async def _chat_chunks(self, job: _Job) -> AsyncIterator[str]:
+        def chunk(choices: list[dict]) -> str:
+            body = {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model,
+                    "choices": choices, "system_fingerprint": None}
+            if job.include_usage:
+                body["usage"] = None
+            return sse(body)
+
+        for i in range(len(job.choices)):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        async for frame in self._stream(job, lambda i, out, c: chunk([{
+            "index": i,
+            "delta": {"content": out.text} if out.text else {},
+            "logprobs": chat_logprobs(out.logprobs, self.text_of) if out.logprobs else None,
+            "finish_reason": out.finish_reason,
+        }])):
+            yield frame
+
+    # ------------------------------------------------------------------ completions
+    async def _completion_response(self, job: _Job) -> dict:
+        await self._collect(job)
+        choices = []
+        for i, c in enumerate(job.choices):
+            lps = c.completion_logprobs.chunk(c.logprobs, self.text_of) if job.num_logprobs is not None else None
+            choices.append({"index": i, "text": "".join(c.text), "logprobs": lps, "finish_reason": c.finish_reason})
+        return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
+                "choices": choices, "usage": job.usage(), "system_fingerprint": None}
+
+    async def _completion_chunks(self, job: _Job) -> AsyncIterator[str]:
+        def frame(i: int, out: RequestOutput, c: _Choice) -> str:
+            lps = None
+            if job.num_logprobs is not None and out.logprobs:
+                lps = c.completion_logprobs.chunk(out.logprobs, self.text_of)
+            body = {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
+                    "choices": [{"index": i, "text": out.text, "logprobs": lps, "finish_reason": out.finish_reason}],
+                    "system_fingerprint": None}
+            if job.include_usage:
+                body["usage"] = None
+            return sse(body)
+
+        async for f in self._stream(job, frame):
+            yield f
+
+    # ------------------------------------------------------------------ streaming core
+    async def _stream(self, job: _Job, frame) -> AsyncIterator[str]:
+        """SSE frames for each delta, then the usage chunk if asked, then [DONE]. Errors become an error event."""
+        try:
+            async for i, out in self._merged(job):
+                c = job.choices[i]
+                c.add(out)
+                if out.text or out.logprobs or out.finished:
+                    yield frame(i, out, c)
+            if job.include_usage:
+                kind = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
+                yield sse({"id": job.id, "object": kind, "created": job.created, "model": job.model,
+                           "choices": [], "usage": job.usage(), "system_fingerprint": None})
+        except Exception as e:  # noqa: BLE001 - headers are out; the error must travel in the stream
+            yield sse(from_exception(e).body())
+        yield sse("[DONE]")
