@@ -1,0 +1,152 @@
+"""``tokenyard serve | generate | chat``. Engine flags are generated from EngineConfig's fields, one to one."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import time
+import types
+import typing
+
+from tokenyard.config import EngineConfig
+
+_T0 = time.perf_counter()
+
+
+# --------------------------------------------------------------------------- engine flags
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineConfig field: ``max_num_seqs`` -> ``--max-num-seqs``; bools get ``--no-...`` too."""
+    group = parser.add_argument_group("engine (EngineConfig fields)")
+    hints = typing.get_type_hints(EngineConfig)
+    for f in dataclasses.fields(EngineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        tp = hints[f.name]
+        args = typing.get_args(tp) if isinstance(tp, types.UnionType) else ()
+        base = next((a for a in args if a is not type(None)), tp)
+        help_text = f"EngineConfig.{f.name}"
+        if base is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            group.add_argument(flag, type=base, default=f.default, help=help_text)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+
+
+# --------------------------------------------------------------------------- serve
+def _seconds_since_process_start() -> float:
+    """Age of this process, from /proc where there is one (so interpreter and torch imports count too)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _T0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tokenyard.engine.async_engine import AsyncEngine
+    from tokenyard.engine.llm_engine import LLMEngine
+    from tokenyard.server.app import ServerSettings, create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    engine = LLMEngine(engine_config(args))
+    async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)
+    settings = ServerSettings(api_key=args.api_key or os.environ.get("TOKENYARD_API_KEY"),
+                              max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout)
+    app = create_app(async_engine, settings)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if not self.should_exit:
+                print(f"tokenyard: serving {engine.model_name} on http://{args.host}:{args.port} "
+                      f"(ready in {_seconds_since_process_start():.1f} s; model load {engine.load_time_s:.1f} s)",
+                      flush=True)
+
+    # uvicorn owns SIGINT/SIGTERM: it stops accepting, lets in-flight responses finish for up to
+    # shutdown_timeout seconds, then runs the app's lifespan exit, which drains and stops the engine.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=int(args.shutdown_timeout) or None, access_log=args.access_log)
+    Server(config).run()
+    return 0
+
+
+# --------------------------------------------------------------------------- one-off answers
+def _one_off(args: argparse.Namespace) -> int:
+    from tokenyard.engine.llm_engine import LLMEngine
+    from tokenyard.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    engine = LLMEngine(engine_config(args))
+    if args.command == "chat":
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        prompt: str | list[int] = engine.tokenizer.apply_chat_template(
+            messages + [{"role": "user", "content": args.text}])
+    else:
+        prompt = args.text
+    engine.add_request(prompt, params)
+    while engine.has_unfinished_requests():  # print the answer as it is generated
+        for out in engine.step():
+            sys.stdout.write(out.new_text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenyard", description="An LLM serving system.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on /v1/* (or set $TOKENYARD_API_KEY)")
+    serve.add_argument("--max-waiting", type=int, default=256,
+                       help="requests waiting for their first token before new ones get 503")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
+    add_engine_args(serve)
+    serve.set_defaults(func=_serve)
+
+    for name, what in (("generate", "complete a prompt"), ("chat", "answer one chat message")):
+        p = sub.add_parser(name, help=f"{what} and print the answer",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument("text", help="the prompt" if name == "generate" else "the user message")
+        p.add_argument("--max-tokens", type=int, default=128)
+        p.add_argument("--temperature", type=float, default=0.7)
+        p.add_argument("--seed", type=int, default=None)
+        if name == "chat":
+            p.add_argument("--system", default=None, help="an optional system message")
+        add_engine_args(p)
+        p.set_defaults(func=_one_off)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:  # bad flags, model paths and parameters: say what, without a traceback
+        parser.exit(2, f"tokenyard: error: {e}\n")
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
