@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import time
 import types
@@ -74,10 +75,17 @@ def _serve(args: argparse.Namespace) -> int:
 
     # uvicorn owns SIGINT/SIGTERM: it stops accepting, lets in-flight responses finish for up to
     # shutdown_timeout seconds, then runs the app's lifespan exit, which drains and stops the engine.
+    # Afterwards it re-raises the signal to the handler that was there before: for SIGTERM, make that a
+    # clean exit (status 0), since the shutdown it asked for has completed.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=int(args.shutdown_timeout) or None, access_log=args.access_log)
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     Server(config).run()
     return 0
+
+
+def _exit_cleanly(*_: object) -> None:
+    raise SystemExit(0)
 
 
 # --------------------------------------------------------------------------- one-off answers

@@ -261,6 +261,7 @@ class AsyncEngine:
                     cmd()
                 if stop:
                     self._do_abort(list(self._streams))
+                    self._stats = engine.stats()
                     break
                 if engine.has_unfinished_requests():
                     self._dispatch(engine.step())

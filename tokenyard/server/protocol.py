@@ -22,7 +22,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart] | None   # required, as in OpenAI's API (null only makes sense for tool calls)
     name: str | None = None
 
     def as_template_input(self) -> dict[str, str]:
@@ -46,7 +46,7 @@ class _SamplingFields(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)                 # extension
     min_tokens: int = Field(0, ge=0)                      # extension
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)   # int64, like OpenAI's
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

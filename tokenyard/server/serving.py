@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -74,6 +75,16 @@ class _Job:
                 c.tracker.on_finish("abort")
 
 
+_GREEDY_BELOW = 1e-5
+
+
+def _temperature(t: float | None) -> float:
+    """OpenAI's default is 1; a temperature too small to divide logits by safely means greedy."""
+    if t is None:
+        return 1.0
+    return 0.0 if t < _GREEDY_BELOW else t
+
+
 class OpenAIServing:
     def __init__(self, engine: AsyncEngine, metrics: ServerMetrics) -> None:
         self.engine = engine
@@ -142,7 +153,7 @@ class OpenAIServing:
             for i in range(req.n):
                 items.append((ids, SamplingParams(
                     max_tokens=max_tokens,
-                    temperature=1.0 if req.temperature is None else req.temperature,
+                    temperature=_temperature(req.temperature),
                     top_p=1.0 if req.top_p is None else req.top_p,
                     top_k=-1 if req.top_k is None else req.top_k,
                     seed=None if req.seed is None else req.seed + i,
@@ -176,7 +187,9 @@ class OpenAIServing:
         finally:
             watch.cancel()
             if not task.done():
-                task.cancel()
+                task.cancel()  # the client left (or this handler was cancelled): abort the job
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if task.cancelled():
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         return JSONResponse(task.result())
