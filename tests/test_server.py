@@ -1,0 +1,445 @@
+"""The OpenAI-compatible server, run as a real process and driven with the official openai client and httpx."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tokenyard.cli import build_parser, engine_config
+from tokenyard.config import EngineConfig
+
+MAX_BODY = 4096
+
+
+# --------------------------------------------------------------------------- server processes
+class Server:
+    def __init__(self, args: list[str], log: Path, ready_timeout: float = 120.0) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        cmd = [sys.executable, "-m", "tokenyard.cli", "serve", "--port", str(self.port), "--log-level", "warning",
+               "--no-access-log", "--num-threads", "1", *args]
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"server not ready in {ready_timeout} s:\n{log.read_text()}")
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def metrics(self) -> dict[str, float]:
+        """The /metrics samples as {'name{labels}': value}."""
+        out = {}
+        for line in httpx.get(f"{self.url}/metrics").text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir, tmp_path_factory):
+    server = Server(["--model", str(tiny_llama_dir), "--num-kv-blocks", "128", "--max-num-seqs", "16",
+                     "--max-waiting", "16", "--max-body-bytes", str(MAX_BODY), "--check-invariants"],
+                    tmp_path_factory.mktemp("logs") / "tiny.log")
+    yield server
+    assert server.stop() == 0, server.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def client(tiny):
+    return openai.OpenAI(base_url=f"{tiny.url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def hf_tok(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+
+
+def _stream_chat(client, **kw) -> tuple[dict[int, str], dict[int, str | None], object]:
+    texts: dict[int, str] = {}
+    reasons: dict[int, str | None] = {}
+    usage = None
+    for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            if c.finish_reason:
+                reasons[c.index] = c.finish_reason
+    return texts, reasons, usage
+
+
+def _stream_completion(client, **kw) -> tuple[dict[int, str], dict[int, str | None], object]:
+    texts: dict[int, str] = {}
+    reasons: dict[int, str | None] = {}
+    usage = None
+    for chunk in client.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            if c.finish_reason:
+                reasons[c.index] = c.finish_reason
+    return texts, reasons, usage
+
+
+MSG = [{"role": "user", "content": "w5 w6 w7"}]
+
+
+# --------------------------------------------------------------------------- happy paths
+def test_health_and_models(tiny, model):
+    assert httpx.get(f"{tiny.url}/health").json() == {"status": "ok"}
+    cards = httpx.get(f"{tiny.url}/v1/models").json()
+    assert cards["object"] == "list" and [c["id"] for c in cards["data"]] == [model]
+
+
+def test_chat_usage_counts_tokens(client, model, hf_tok):
+    r = client.chat.completions.create(model=model, messages=MSG, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=2, extra_body={"ignore_eos": True})
+    c = r.choices[0]
+    assert c.finish_reason == "length" and c.message.role == "assistant" and c.message.content
+    prompt = hf_tok.apply_chat_template(MSG, tokenize=False, add_generation_prompt=True)
+    assert r.usage.prompt_tokens == len(hf_tok.encode(prompt, add_special_tokens=False))
+    assert r.usage.completion_tokens == 6 == len(c.logprobs.content)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 6
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in c.logprobs.content)
+    assert "".join(t.token for t in c.logprobs.content) == c.message.content.replace(" ", "")
+
+
+def test_tiny_temperature_is_greedy(client, model):
+    kw = dict(model=model, prompt="w8 w9", max_tokens=4, extra_body={"ignore_eos": True})
+    greedy = client.completions.create(temperature=0, **kw).choices[0].text
+    assert client.completions.create(temperature=1e-40, **kw).choices[0].text == greedy
+
+
+def test_max_completion_tokens(client, model):
+    r = client.chat.completions.create(model=model, messages=MSG, max_completion_tokens=3, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
+def test_completion_usage_and_logprobs(client, model):
+    r = client.completions.create(model=model, prompt="w9 w10 w11 w12", max_tokens=5, temperature=0, logprobs=3,
+                                  extra_body={"ignore_eos": True})
+    c = r.choices[0]
+    assert r.usage.prompt_tokens == 4 and r.usage.completion_tokens == 5
+    assert len(c.logprobs.tokens) == 5 and all(len(t) == 3 for t in c.logprobs.top_logprobs)
+    # token ids work as a prompt too
+    r2 = client.completions.create(model=model, prompt=[9, 10, 11, 12], max_tokens=5, temperature=0,
+                                   extra_body={"ignore_eos": True})
+    assert r2.choices[0].text == c.text
+
+
+@pytest.mark.parametrize("api", ["chat", "completions"])
+def test_stream_equals_non_stream_with_seed(client, model, api):
+    kw = dict(model=model, max_tokens=8, temperature=0.9, seed=1234, extra_body={"ignore_eos": True})
+    if api == "chat":
+        full = client.chat.completions.create(messages=MSG, **kw)
+        texts, reasons, usage = _stream_chat(client, messages=MSG, **kw)
+        want = full.choices[0].message.content
+    else:
+        full = client.completions.create(prompt="w20 w21", **kw)
+        texts, reasons, usage = _stream_completion(client, prompt="w20 w21", **kw)
+        want = full.choices[0].text
+    assert texts == {0: want} and reasons == {0: "length"}
+    assert usage.completion_tokens == full.usage.completion_tokens == 8
+    assert usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_n_choices_stream_and_not(client, model):
+    kw = dict(model=model, max_tokens=6, temperature=1.0, seed=7, n=2, extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(messages=MSG, **kw)
+    assert sorted(c.index for c in full.choices) == [0, 1]
+    assert full.usage.completion_tokens == 12
+    texts, reasons, usage = _stream_chat(client, messages=MSG, **kw)
+    assert texts == {c.index: c.message.content for c in full.choices}
+    assert reasons == {0: "length", 1: "length"} and usage.completion_tokens == 12
+    # seeds are seed + i: choice 1 of seed 7 is choice 0 of seed 8
+    one = client.chat.completions.create(messages=MSG, **{**kw, "n": 1, "seed": 8})
+    assert one.choices[0].message.content == texts[1]
+
+
+def test_stop_strings(client, model):
+    kw = dict(model=model, prompt="w40 w41 w42", max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    words = client.completions.create(**kw).choices[0].text.split()
+    assert len(words) >= 6
+    stop = f"{words[3]} {words[4]}"  # spans two tokens: streaming must hold the first one back
+    want = " ".join(words[:3])
+    cut = client.completions.create(stop=[stop], **kw).choices[0]
+    assert (cut.text.strip(), cut.finish_reason) == (want, "stop")
+    texts, reasons, _ = _stream_completion(client, stop=stop, **kw)
+    assert texts == {0: cut.text} and reasons == {0: "stop"}
+
+
+def test_priority_and_user_accepted(tiny, client, model):
+    r = client.chat.completions.create(model=model, messages=MSG, max_tokens=2, user="alice",
+                                       extra_body={"priority": 3, "top_k": 5})
+    assert r.choices[0].finish_reason in ("length", "stop")
+    m = tiny.metrics()
+    assert any(k.startswith("tokenyard_requests_total{") and 'tenant="alice"' in k for k in m)
+
+
+# --------------------------------------------------------------------------- errors
+def _post(url: str, path: str, body, headers: dict | None = None) -> httpx.Response:
+    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return httpx.post(f"{url}{path}", content=content, headers={"content-type": "application/json", **(headers or {})})
+
+
+CHAT = "/v1/chat/completions"
+COMP = "/v1/completions"
+CTX = "context_length_exceeded"
+BAD = [  # path, body, status, param, code (None: not checked)
+    (CHAT, "{not json", 400, None, None),
+    (CHAT, "[1, 2]", 400, None, None),
+    (CHAT, {"max_tokens": 3}, 400, "messages", None),
+    (CHAT, {"messages": "hello"}, 400, "messages", None),
+    (CHAT, {"messages": []}, 400, "messages", None),
+    (CHAT, {"messages": [{"role": "user"}]}, 400, "messages.0.content", None),
+    (CHAT, {"messages": [{"role": "robot", "content": "w5"}]}, 400, "messages.0.role", None),
+    (CHAT, {"messages": MSG, "temperature": -0.5}, 400, "temperature", None),
+    (CHAT, {"messages": MSG, "temperature": "hot"}, 400, "temperature", None),
+    (CHAT, {"messages": MSG, "max_tokens": 0}, 400, "max_tokens", None),
+    (CHAT, {"messages": MSG, "max_tokens": 2.5}, 400, "max_tokens", None),
+    (CHAT, {"messages": MSG, "seed": 2**64}, 400, "seed", None),
+    (CHAT, {"messages": MSG, "top_p": 1.5}, 400, "top_p", None),
+    (CHAT, {"messages": MSG, "top_p": 0}, 400, "top_p", None),
+    (CHAT, {"messages": MSG, "n": 0}, 400, "n", None),
+    (CHAT, {"messages": MSG, "stop": [""]}, 400, "stop", None),
+    (CHAT, {"messages": MSG, "stream_options": {"include_usage": True}}, 400, "stream_options", None),
+    (CHAT, {"messages": MSG, "max_tokens": 300}, 400, "messages", CTX),
+    (COMP, {"prompt": " ".join(["w7"] * 250), "max_tokens": 10}, 400, "prompt", CTX),
+    (COMP, {"prompt": " ".join(["w7"] * 300)}, 400, "prompt", None),
+    (COMP, {"prompt": ""}, 400, "prompt", None),
+    (COMP, {"prompt": [999]}, 400, "prompt", None),
+    (COMP, {"prompt": "w5", "logprobs": 99}, 400, "logprobs", None),
+    (CHAT, {"model": "gpt-4o", "messages": MSG}, 404, "model", "model_not_found"),
+    (COMP, {"model": "gpt-4o", "prompt": "w5"}, 404, "model", "model_not_found"),
+    (COMP, {"prompt": "w5 " * MAX_BODY}, 413, None, "request_too_large"),
+    (CHAT, {"messages": MSG, "n": 17}, 503, None, None),   # more at once than --max-waiting
+]
+
+
+@pytest.mark.parametrize("path,body,status,param,code", BAD, ids=[f"{b[2]}-{b[3]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input_openai_errors(tiny, path, body, status, param, code):
+    r = _post(tiny.url, path, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+    if code is not None:
+        assert err["code"] == code
+    if code == CTX:
+        assert "maximum context length is 256 tokens" in err["message"]
+
+
+def test_chunked_body_over_limit_is_413(tiny):
+    def chunks():
+        for _ in range(MAX_BODY // 100 + 2):
+            yield b" " * 100
+        yield b'{"prompt": "w5"}'
+
+    r = httpx.post(f"{tiny.url}{COMP}", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_openai_client_raises_typed_errors(client, model):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model, messages=MSG, temperature=-1)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=MSG)
+
+
+# --------------------------------------------------------------------------- abuse
+def test_burst_of_bad_requests_and_disconnects_leaves_no_kv(tiny, client, model):
+    aborted_before = sum(v for k, v in tiny.metrics().items() if 'finish_reason="abort"' in k)
+
+    def bad(i: int) -> int:
+        return _post(tiny.url, *BAD[i % (len(BAD) - 1)][:2]).status_code  # all but the 503 case
+
+    def disconnect_mid_stream(i: int) -> str:
+        body = {"prompt": f"w{30 + i} w31", "max_tokens": 200, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{tiny.url}{COMP}", json=body, timeout=10) as r:
+            assert r.status_code == 200
+            return next(r.iter_text())  # read one chunk, then hang up
+
+    def non_stream_timeout(i: int) -> str:
+        body = {"prompt": f"w{50 + i}", "max_tokens": 250, "ignore_eos": True}
+        try:
+            httpx.post(f"{tiny.url}{COMP}", json=body, timeout=0.2)
+        except httpx.TimeoutException:
+            return "timed out"
+        return "answered"
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(bad, range(30)))
+        streams = [pool.submit(disconnect_mid_stream, i) for i in range(8)]
+        posts = [pool.submit(non_stream_timeout, i) for i in range(2)]
+        first_chunks = [f.result() for f in streams]
+        timed_out = sum(f.result() == "timed out" for f in posts)
+    assert all(400 <= s < 600 for s in statuses)
+    assert all(c.startswith("data: ") for c in first_chunks)
+
+    deadline = time.monotonic() + 10
+    while True:
+        m = tiny.metrics()
+        if m["tokenyard_kv_blocks_used"] == 0 and m["tokenyard_num_requests_running"] == 0:
+            break
+        assert time.monotonic() < deadline, f"KV still in use: {m['tokenyard_kv_blocks_used']}"
+        time.sleep(0.05)
+    aborted = sum(v for k, v in m.items() if 'finish_reason="abort"' in k) - aborted_before
+    assert aborted >= 8 + timed_out, "requests of clients that left should be aborted, not run to the end"
+    assert m["tokenyard_num_requests_waiting"] == 0 and m["tokenyard_num_requests_pending"] == 0
+    r = client.chat.completions.create(model=model, messages=MSG, max_tokens=3)
+    assert r.choices[0].message.content is not None
+
+
+def test_metrics_exposed(tiny):
+    m = tiny.metrics()
+    for name in ("tokenyard_time_to_first_token_seconds_count", "tokenyard_inter_token_latency_seconds_count",
+                 "tokenyard_e2e_request_latency_seconds_count", "tokenyard_kv_blocks_free",
+                 "tokenyard_num_requests_swapped", "tokenyard_preemptions_total",
+                 "tokenyard_prefix_cache_hit_tokens_total", "tokenyard_prompt_tokens_total",
+                 "tokenyard_generation_tokens_total"):
+        assert name in m, name
+    assert m["tokenyard_time_to_first_token_seconds_count"] > 0 and m["tokenyard_generation_tokens_total"] > 0
+
+
+# --------------------------------------------------------------------------- AsyncEngine in-process
+def test_async_engine_close_and_shutdown_abort(tiny_llama_dir):
+    import asyncio
+
+    from tokenyard.engine.async_engine import AsyncEngine, EngineUnavailableError
+    from tokenyard.engine.llm_engine import LLMEngine
+    from tokenyard.sampling_params import InvalidParameterError, SamplingParams
+
+    long = SamplingParams(max_tokens=200, ignore_eos=True, temperature=0)
+
+    async def scenario() -> None:
+        engine = AsyncEngine(LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, block_size=4)))
+        engine.start()
+        with pytest.raises(InvalidParameterError):  # validation errors surface before any output
+            await engine.add_request([999], long)
+        gen = engine.generate("w5 w6", long)
+        first = await gen.__anext__()
+        assert first.token_ids and not first.finished
+        await gen.aclose()  # the consumer leaves: the request is aborted
+        stream = await engine.add_request("w7", long)
+        await stream.__anext__()
+        await engine.shutdown(timeout=0)  # in-flight past the timeout: aborted
+        outs = [o async for o in stream]
+        assert outs[-1].finish_reason == "abort"
+        s = engine.stats()
+        assert s["kv_blocks_used"] == 0 and s["num_inflight"] == 0 and s["num_pending"] == 0
+        with pytest.raises(EngineUnavailableError):
+            await engine.add_request("w5", long)
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+# --------------------------------------------------------------------------- CLI
+def test_engine_flags_map_onto_engine_config():
+    args = build_parser().parse_args(["serve", "--max-num-batched-tokens", "64", "--no-enable-prefix-caching",
+                                      "--num-kv-blocks", "9", "--kv-cache-memory-gb", "0.5"])
+    cfg = engine_config(args)
+    assert (cfg.max_num_batched_tokens, cfg.enable_prefix_caching, cfg.num_kv_blocks) == (64, False, 9)
+    assert cfg.kv_cache_memory_gb == 0.5 and cfg.model is None and args.port == 8000
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_one_off_commands(tiny_llama_dir, capsys, command):
+    from tokenyard.cli import main
+
+    assert main([command, "w5 w6", "--model", str(tiny_llama_dir), "--max-tokens", "4", "--temperature", "0"]) == 0
+    words = capsys.readouterr().out.split()
+    assert 1 <= len(words) <= 4 and all(re.fullmatch(r"w\d+", w) for w in words)
+
+
+# --------------------------------------------------------------------------- bundled model, API key, SIGTERM
+KEY = "sekrit-key"
+
+
+@pytest.fixture(scope="module")
+def bundled(tmp_path_factory):
+    server = Server(["--api-key", KEY, "--max-waiting", "4"], tmp_path_factory.mktemp("logs") / "bundled.log",
+                    ready_timeout=240)
+    yield server
+    server.stop()
+
+
+def test_api_key_required_on_v1_only(bundled):
+    for path in ("/v1/models", CHAT):
+        assert httpx.get(f"{bundled.url}{path}").status_code in (401,)
+    no_key = _post(bundled.url, CHAT, {"messages": MSG})
+    wrong = _post(bundled.url, CHAT, {"messages": MSG}, {"Authorization": "Bearer nope"})
+    for r in (no_key, wrong):
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    ok = httpx.get(f"{bundled.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "SmolLM2-135M-Instruct"
+    assert httpx.get(f"{bundled.url}/health").status_code == 200
+    assert httpx.get(f"{bundled.url}/metrics").status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{bundled.url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_bundled_model_chat(bundled):
+    c = openai.OpenAI(base_url=f"{bundled.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+    r = c.chat.completions.create(model="SmolLM2-135M-Instruct", max_tokens=8, temperature=0,
+                                  messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in r.choices[0].message.content
+    assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 5
+
+
+def test_sigterm_lets_inflight_stream_finish(bundled):
+    body = {"messages": [{"role": "user", "content": "Count to fifty."}], "max_tokens": 24, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", f"{bundled.url}{CHAT}", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        bundled.proc.send_signal(signal.SIGTERM)
+        rest = [ln for ln in lines if ln]
+    assert rest[-1] == "data: [DONE]"
+    assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+    assert bundled.proc.wait(timeout=30) == 0
