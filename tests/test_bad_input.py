@@ -76,8 +76,8 @@ def test_non_llama_architecture(tmp_path):
     d = tmp_path / "gpt2ish"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    from safetensors.numpy import save_file
     import numpy as np
+    from safetensors.numpy import save_file
 
     save_file({"x": np.zeros(1, dtype=np.float32)}, str(d / "model.safetensors"))
     with pytest.raises(ValueError, match="unsupported architecture"):
