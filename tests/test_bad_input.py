@@ -25,6 +25,10 @@ def llm(tiny_llama_dir):
         (dict(top_k=-2), "top_k"),
         (dict(logprobs=-1), "logprobs"),
         (dict(stop=[""]), "stop"),
+        (dict(seed=2**64), "seed"),
+        (dict(seed=-(2**63) - 1), "seed"),
+        (dict(seed=1.5), "seed"),
+        (dict(seed=True), "seed"),
     ],
 )
 def test_bad_sampling_params(kwargs, param):
@@ -58,6 +62,14 @@ def test_prompt_longer_than_context(llm):
 def test_token_id_outside_vocabulary(llm):
     with pytest.raises(ValueError, match="vocabulary"):
         llm.generate([[5, 6, 100000]])
+    _assert_untouched(llm)
+
+
+def test_seeds_at_the_ends_of_the_range(llm):
+    # Whatever torch.Generator.manual_seed takes is accepted (the server passes int64 seeds, plus i for choice i).
+    for seed in (-(2**63), 0, 2**63 - 1, 2**64 - 1):
+        out = llm.generate(["w5 w6"], SamplingParams(max_tokens=2, temperature=1.0, seed=seed, ignore_eos=True))
+        assert len(out[0].token_ids) == 2
     _assert_untouched(llm)
 
 

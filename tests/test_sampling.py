@@ -65,3 +65,15 @@ def test_eos_stops_unless_ignored(llm):
     assert out.finish_reason in ("stop", "length")
     if out.finish_reason == "stop":
         assert out.token_ids[-1] == eos
+
+
+def test_tiny_temperature_is_greedy(llm):
+    assert SamplingParams(temperature=1e-40).greedy
+    assert SamplingParams(temperature=0.0).greedy
+    assert not SamplingParams(temperature=1e-3).greedy
+    prompts = ["w60 w61 w62", "w7 w8"]
+    greedy = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    tiny = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=1e-40, ignore_eos=True))
+    for g, t in zip(greedy, tiny):
+        assert t.token_ids == g.token_ids
+        assert t.finish_reason == "length"

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Below this temperature a request is greedy: dividing logits by a tinier value overflows to inf (then NaN).
+GREEDY_TEMPERATURE = 1e-5
+# What torch.Generator.manual_seed takes: any signed or unsigned 64-bit integer (the API's int64 seeds, and
+# seed + i for its n choices, both fit).
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
 
 @dataclass
 class SamplingParams:
@@ -32,7 +38,9 @@ class SamplingParams:
                "top_p", f"must be in (0, 1], got {self.top_p!r}")
         _check(isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 0),
                "top_k", f"must be -1 (off) or >= 0, got {self.top_k!r}")
-        _check(self.seed is None or isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")
+        _check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                     and SEED_MIN <= self.seed <= SEED_MAX),
+               "seed", f"must be an integer in [-2**63, 2**64), got {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                "stop_token_ids", "must be non-negative integers")
@@ -43,7 +51,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
 
 def _is_number(x: object) -> bool:
