@@ -73,6 +73,39 @@ def test_seeds_at_the_ends_of_the_range(llm):
     _assert_untouched(llm)
 
 
+def _assert_no_state(engine, rid):
+    assert rid not in engine.scheduler.requests
+    assert rid not in engine.runner.states
+    assert rid not in engine._tracked
+    assert not engine.has_unfinished_requests()
+    assert engine.kv.num_used_blocks == 0
+    engine.scheduler.check_invariants()
+
+
+def test_add_request_refused_by_scheduler_leaves_no_state(tiny_llama_dir):
+    llm = LLM(model=str(tiny_llama_dir), block_size=4, num_kv_blocks=8, check_invariants=True)  # 32 tokens of KV
+    engine = llm.engine
+    with pytest.raises(ValueError, match="KV cache"):
+        engine.add_request([5, 6, 7], SamplingParams(max_tokens=100), request_id="too-big")
+    _assert_no_state(engine, "too-big")
+    # The id is free again and the engine still serves.
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), request_id="too-big")
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def test_add_request_failing_in_runner_leaves_no_state(llm, monkeypatch):
+    engine = llm.engine
+
+    def boom(rid, params):
+        raise RuntimeError("no sample state today")
+
+    monkeypatch.setattr(engine.runner, "add_request", boom)
+    with pytest.raises(RuntimeError, match="no sample state"):
+        engine.add_request([5, 6, 7], SamplingParams(max_tokens=3), request_id="runner-fails")
+    _assert_no_state(engine, "runner-fails")
+
+
 def test_engine_still_serves_after_bad_input(llm):
     out = llm.generate(["w5 w6 w7"], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     assert len(out[0].token_ids) == 3

@@ -138,14 +138,21 @@ class LLMEngine:
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
             max_model_len=self.max_model_len,
         )
-        self.scheduler.add_request(req)  # raises (with no change) if the request can never fit the pool
-        self.runner.add_request(rid, params)
         out = RequestOutput(request_id=rid, prompt_token_ids=ids, logprobs=[] if params.logprobs is not None else None)
         out.metrics["arrival_time"] = req.arrival_time
-        self._tracked[rid] = _Tracked(
+        tracked = _Tracked(
             req, params, IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens), out,
             max((len(s) for s in params.stop), default=0),
         )
+        # Everything that can fail runs before the scheduler owns the request; undo the runner's part if the
+        # scheduler refuses (e.g. a request that can never fit the pool), so a failure leaves nothing behind.
+        self.runner.add_request(rid, params)
+        try:
+            self.scheduler.add_request(req)
+        except BaseException:
+            self.runner.remove_requests([rid])
+            raise
+        self._tracked[rid] = tracked
         self.num_prompt_tokens += len(ids)
         return rid
 
