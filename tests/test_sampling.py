@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tokenyard import LLM, SamplingParams
+from tokenyard.engine import sampler
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +79,68 @@ def test_tiny_temperature_is_greedy(llm):
     for g, t in zip(greedy, tiny):
         assert t.token_ids == g.token_ids
         assert t.finish_reason == "length"
+
+
+def test_sampler_isolates_a_non_finite_row():
+    logits = torch.randn(3, 32)
+    logits[1] = float("nan")
+    states = [sampler.make_sample_state(SamplingParams(temperature=1.0, seed=i, logprobs=2), torch.device("cpu"))
+              for i in range(3)]
+    tokens, logprobs = sampler.sample(logits, states)
+    assert tokens[1] == sampler.SAMPLE_FAILED and logprobs[1] is None
+    assert "not finite" in states[1].error
+    for i in (0, 2):
+        assert 0 <= tokens[i] < 32 and states[i].error is None
+        assert logprobs[i].token_id == tokens[i]
+
+
+def _assert_clean(llm):
+    engine = llm.engine
+    assert not engine.has_unfinished_requests()
+    assert engine.kv.num_used_blocks == 0
+    engine.scheduler.check_invariants()
+
+
+def test_sampling_failure_aborts_only_that_request(llm, monkeypatch):
+    good = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+            SamplingParams(max_tokens=6, temperature=1.0, seed=5, ignore_eos=True)]
+    prompts = ["w70 w71", "w72 w73 w74"]
+    alone = llm.generate(prompts, good)
+    real = sampler._sample_row
+
+    def flaky(row, s):
+        if s.params.seed == 666:
+            raise RuntimeError("boom")
+        return real(row, s)
+
+    monkeypatch.setattr(sampler, "_sample_row", flaky)
+    bad = SamplingParams(max_tokens=6, temperature=1.0, seed=666, ignore_eos=True)
+    outs = llm.generate([prompts[0], "w75 w76", prompts[1]], [good[0], bad, good[1]])
+    assert outs[1].finish_reason == "abort"
+    assert "boom" in outs[1].error and outs[1].token_ids == []
+    for o, ref in zip((outs[0], outs[2]), alone):
+        assert o.error is None and o.finish_reason == "length"
+        assert o.token_ids == ref.token_ids
+    _assert_clean(llm)
+    assert llm.generate(prompts, good)[1].token_ids == alone[1].token_ids  # the engine still serves
+
+
+def test_detokenization_failure_aborts_only_that_request(llm, monkeypatch):
+    engine = llm.engine
+    p = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    ref = llm.generate(["w80 w81"], p)[0]
+    ok = engine.add_request("w80 w81", p)
+    bad = engine.add_request("w82 w83", p)
+
+    def boom(ids):
+        raise RuntimeError("cannot decode")
+
+    monkeypatch.setattr(engine._tracked[bad].detok, "add", boom)
+    done = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o
+    assert done[bad].finish_reason == "abort" and "cannot decode" in done[bad].error
+    assert done[ok].error is None and done[ok].token_ids == ref.token_ids and done[ok].text == ref.text
+    _assert_clean(llm)

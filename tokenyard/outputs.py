@@ -24,6 +24,7 @@ class RequestOutput:
     new_text: str = ""                 # text added by the latest step (for streaming)
     new_token_ids: list[int] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None           # why the engine aborted this request (finish_reason "abort"), if it did
 
     @property
     def finished(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 
@@ -10,14 +11,17 @@ import torch
 
 from tokenyard.config import EngineConfig
 from tokenyard.engine.model_runner import ModelRunner
+from tokenyard.engine.sampler import SAMPLE_FAILED
 from tokenyard.kv.manager import KVCacheManager
 from tokenyard.model.config import ModelConfig
 from tokenyard.model.loader import load_state_dict, read_hf_config, resolve_model
 from tokenyard.model.tokenizer import IncrementalDetokenizer, Tokenizer
-from tokenyard.outputs import RequestOutput
+from tokenyard.outputs import RequestOutput, TokenLogprob
 from tokenyard.sampling_params import InvalidParameterError, SamplingParams
 from tokenyard.sched.request import Request, RequestStatus
 from tokenyard.sched.scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -173,48 +177,84 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
-        """One scheduling decision, one forward pass. Returns the requests that got a token this step."""
+        """One scheduling decision, one forward pass. Returns the requests that got a token this step.
+
+        A failure that belongs to one request (its sampling, its detokenization) aborts that request alone:
+        its output has finish_reason "abort" and ``error`` set. Failures of the forward pass itself propagate.
+        """
         out = self.scheduler.schedule()
         if self.config.check_invariants:
             self.scheduler.check_output(out)
         results = self.runner.execute(out)
         self.num_steps += 1
-        touched = self.scheduler.update_from_output(out, {rid: tok for rid, (tok, _) in results.items()})
-        now = time.monotonic()
         outputs = []
+        failed = {rid: self._sample_error(rid) for rid, (tok, _) in results.items() if tok == SAMPLE_FAILED}
+        if failed:
+            # Abort them before update_from_output, which then skips them: no bogus token is appended.
+            for rid, err in failed.items():
+                log.error("request %s: %s; aborting it", rid, err)
+            self.scheduler.abort_requests(list(failed))
+            outputs.extend(self._fail(rid, err) for rid, err in failed.items())
+        touched = self.scheduler.update_from_output(
+            out, {rid: tok for rid, (tok, _) in results.items() if rid not in failed}
+        )
+        now = time.monotonic()
         for req in touched:
-            t = self._tracked[req.request_id]
-            o = t.out
-            tok, lp = results[req.request_id]
-            self.num_generated_tokens += 1
-            if "first_token_time" not in o.metrics:
-                o.metrics["first_token_time"] = now
-                o.num_cached_tokens = max(req.num_cached_tokens, 0)
-            o.token_ids.append(tok)
-            o.new_token_ids = [tok]
-            if o.logprobs is not None and lp is not None:
-                o.logprobs.append(lp)
-            status = req.status
-            hide = status is RequestStatus.FINISHED_STOPPED and tok in req.stop_token_ids
-            delta = "" if hide else t.detok.add([tok])
-            if t.params.stop and delta:
-                cut = self._find_stop(t, delta)
-                if cut is not None:
-                    delta = delta[: max(cut - (len(t.detok.text) - len(delta)), 0)]
-                    t.detok.text = t.detok.text[:cut]
-                    if not status.finished:
-                        self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
-                        status = RequestStatus.FINISHED_STOPPED
-            o.text = t.detok.text
-            o.new_text = delta
-            if status.finished:
-                o.finish_reason = status.value
-                o.metrics["finished_time"] = now
-                del self._tracked[req.request_id]
-            outputs.append(o)
+            try:
+                outputs.append(self._process(req, *results[req.request_id], now))
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                log.exception("request %s failed after sampling; aborting it", req.request_id)
+                self.scheduler.abort_requests([req.request_id])  # no-op if it already finished
+                outputs.append(self._fail(req.request_id, f"detokenizing the output failed: {e!r}"))
         if self.config.check_invariants:
             self.scheduler.check_invariants()
         return outputs
+
+    def _process(self, req: Request, tok: int, lp: TokenLogprob | None, now: float) -> RequestOutput:
+        """Detokenize a request's new token, apply stop strings and update its output."""
+        t = self._tracked[req.request_id]
+        o = t.out
+        self.num_generated_tokens += 1
+        # What can fail (detokenization) runs first, so a failure leaves the output as it was.
+        status = req.status
+        hide = status is RequestStatus.FINISHED_STOPPED and tok in req.stop_token_ids
+        delta = "" if hide else t.detok.add([tok])
+        if t.params.stop and delta:
+            cut = self._find_stop(t, delta)
+            if cut is not None:
+                delta = delta[: max(cut - (len(t.detok.text) - len(delta)), 0)]
+                t.detok.text = t.detok.text[:cut]
+                if not status.finished:
+                    self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+                    status = RequestStatus.FINISHED_STOPPED
+        if "first_token_time" not in o.metrics:
+            o.metrics["first_token_time"] = now
+            o.num_cached_tokens = max(req.num_cached_tokens, 0)
+        o.token_ids.append(tok)
+        o.new_token_ids = [tok]
+        if o.logprobs is not None and lp is not None:
+            o.logprobs.append(lp)
+        o.text = t.detok.text
+        o.new_text = delta
+        if status.finished:
+            o.finish_reason = status.value
+            o.metrics["finished_time"] = now
+            del self._tracked[req.request_id]
+        return o
+
+    def _sample_error(self, rid: str) -> str:
+        state = self.runner.states.get(rid)
+        return (state.error if state is not None else None) or "sampling failed"
+
+    def _fail(self, rid: str, error: str) -> RequestOutput:
+        """Finish a request the engine had to abort; the scheduler must already have let go of it."""
+        t = self._tracked.pop(rid)
+        o = t.out
+        o.finish_reason = RequestStatus.FINISHED_ABORTED.value
+        o.error = error
+        o.new_text, o.new_token_ids = "", []
+        o.metrics["finished_time"] = time.monotonic()
+        return o
 
     @staticmethod
     def _find_stop(t: _Tracked, delta: str) -> int | None:

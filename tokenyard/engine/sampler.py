@@ -10,11 +10,15 @@ import torch
 from tokenyard.outputs import TokenLogprob
 from tokenyard.sampling_params import SamplingParams
 
+# The token ``sample`` reports for a request whose sampling failed; the reason is in its ``SampleState.error``.
+SAMPLE_FAILED = -1
+
 
 @dataclass
 class SampleState:
     params: SamplingParams
     generator: torch.Generator | None  # None for greedy requests
+    error: str | None = None           # why sampling this request failed (its token is then SAMPLE_FAILED)
 
 
 def make_sample_state(params: SamplingParams, device: torch.device) -> SampleState:
@@ -27,7 +31,11 @@ def make_sample_state(params: SamplingParams, device: torch.device) -> SampleSta
 
 
 def sample(logits: torch.Tensor, states: list[SampleState]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits: [S, V] for S requests, in the order of ``states``."""
+    """logits: [S, V] for S requests, in the order of ``states``.
+
+    A failure in one request's row (e.g. non-finite probabilities) does not fail the batch: that request gets
+    the token ``SAMPLE_FAILED``, no logprobs, and the reason in its state's ``error``.
+    """
     greedy_rows = [i for i, s in enumerate(states) if s.generator is None]
     tokens: list[int] = [0] * len(states)
     if len(greedy_rows) == len(states):
@@ -39,9 +47,13 @@ def sample(logits: torch.Tensor, states: list[SampleState]) -> tuple[list[int], 
                 tokens[i] = t
         for i, s in enumerate(states):
             if s.generator is not None:
-                tokens[i] = _sample_row(logits[i], s)
+                try:
+                    tokens[i] = _sample_row(logits[i], s)
+                except Exception as e:  # noqa: BLE001 - this request fails, the rest of the batch goes on
+                    s.error = f"sampling failed: {e}"
+                    tokens[i] = SAMPLE_FAILED
     logprobs: list[TokenLogprob | None] = [None] * len(states)
-    want = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+    want = [i for i, s in enumerate(states) if s.params.logprobs is not None and tokens[i] != SAMPLE_FAILED]
     if want:
         lp = torch.log_softmax(logits[torch.tensor(want)].float(), dim=-1)
         for row, i in enumerate(want):
@@ -68,4 +80,8 @@ def _sample_row(row: torch.Tensor, s: SampleState) -> int:
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         row = torch.full_like(row, float("-inf")).scatter(0, order, sorted_logits)
     probs = row.softmax(-1)
+    # NaN/inf logits (or nothing left to pick) make softmax non-finite. Check before multinomial: on CPU it
+    # would raise anyway, but on CUDA it trips a device-side assert that takes the whole process down.
+    if not bool(torch.isfinite(probs).all()):
+        raise ValueError("the model's logits for this request are not finite (NaN or inf)")
     return int(torch.multinomial(probs, 1, generator=s.generator).item())
