@@ -106,6 +106,22 @@ def test_add_request_failing_in_runner_leaves_no_state(llm, monkeypatch):
     _assert_no_state(engine, "runner-fails")
 
 
+def test_request_id_reused_right_after_it_finished(llm):
+    engine = llm.engine
+    p = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    first = []
+    engine.add_request([5, 6, 7], p, request_id="again")
+    while engine.has_unfinished_requests():
+        first += [o for o in engine.step() if o.finished]
+    # The runner only forgets "again" at the next step; the new request must keep its own state.
+    engine.add_request([5, 6, 7], p, request_id="again")
+    second = []
+    while engine.has_unfinished_requests():
+        second += [o for o in engine.step() if o.finished]
+    assert [o.token_ids for o in second] == [o.token_ids for o in first]
+    _assert_untouched(llm)
+
+
 def test_engine_still_serves_after_bad_input(llm):
     out = llm.generate(["w5 w6 w7"], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     assert len(out[0].token_ids) == 3

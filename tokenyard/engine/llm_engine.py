@@ -185,6 +185,10 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if self.config.check_invariants:
             self.scheduler.check_output(out)
+        if out.finished:
+            # An id reused right after its request finished is live again, and its runner state is the new
+            # request's: the runner must not forget it.
+            out.finished = [rid for rid in out.finished if rid not in self.scheduler.requests]
         results = self.runner.execute(out)
         self.num_steps += 1
         outputs = []
