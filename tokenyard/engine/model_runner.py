@@ -107,18 +107,19 @@ class ModelRunner:
                 block_ids = torch.tensor(bids[: -(-kv_len // bs)], device=dev)
             prefill_meta.append(PrefillChunk(q_start, n, c.start_pos, block_ids, mask))
         nd = len(decodes)
-        block_tables = decode_mask = None
+        block_tables = decode_mask = ctx = None
         if nd:
             width = max(len(c.block_ids) for c in decodes)
             table = [c.block_ids + [0] * (width - len(c.block_ids)) for c in decodes]
-            block_tables = torch.tensor(table, device=dev)
-            ctx = torch.tensor([c.start_pos + 1 for c in decodes], device=dev)
+            block_tables = torch.tensor(table, dtype=torch.long, device=dev)
+            ctx = torch.tensor([c.start_pos + 1 for c in decodes], dtype=torch.long, device=dev)
             decode_mask = (torch.arange(width * bs, device=dev)[None, :] < ctx[:, None])[:, None, None, :]
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decodes=nd,
             decode_block_tables=block_tables,
             decode_mask=decode_mask,
+            decode_context_lens=ctx,
             prefills=prefill_meta,
         )
         return (

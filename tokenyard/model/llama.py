@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenyard.model.config import ModelConfig
+from tokenyard.model.paged_attention import decode_attention, kernel_usable
 
 
 @dataclass
@@ -44,6 +45,7 @@ class AttentionMetadata:
     num_decodes: int                        # the first rows of the batch are single-token decodes
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks]
     decode_mask: torch.Tensor | None        # [num_decodes, 1, 1, max_blocks * block_size] bool
+    decode_context_lens: torch.Tensor | None  # [num_decodes] int64, the current token included
     prefills: list[PrefillChunk]
 
 
@@ -114,6 +116,7 @@ class LlamaModel:
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.gqa = cfg.num_heads != cfg.num_kv_heads
+        self.use_kernel = kernel_usable(device, weights.embed.dtype)
 
     @torch.inference_mode()
     def forward(
@@ -166,15 +169,10 @@ class LlamaModel:
         outs = []
         nd = meta.num_decodes
         if nd:
-            bt = meta.decode_block_tables
-            flat = bt.view(-1)
-            keys = kc.index_select(0, flat).view(nd, -1, KVH, D).transpose(1, 2)    # [nd, KVH, L, D]
-            vals = vc.index_select(0, flat).view(nd, -1, KVH, D).transpose(1, 2)
-            o = F.scaled_dot_product_attention(
-                q[:nd].unsqueeze(2), keys, vals, attn_mask=meta.decode_mask,
-                scale=self.scale, enable_gqa=self.gqa,
-            )                                                      # [nd, H, 1, D]
-            outs.append(o.squeeze(2))
+            outs.append(decode_attention(
+                q[:nd], kc, vc, meta.decode_block_tables, meta.decode_context_lens, meta.decode_mask,
+                self.scale, self.use_kernel,
+            ))
         for pc in meta.prefills:
             qs = q[pc.q_start:pc.q_start + pc.q_len].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             if pc.start_pos == 0:

@@ -1,0 +1,80 @@
+"""Decode attention over the paged KV cache: a small C++ kernel, with a pure-PyTorch fallback.
+
+The kernel (``csrc/paged_attention.cpp``) reads each sequence's keys and values in place through its block
+table. The fallback gathers them into a padded tensor and calls SDPA, which costs an extra copy of the whole
+context per layer. The kernel is compiled on first use with torch's C++ extension loader (about 20 s with
+g++, cached under the tokenyard cache directory afterwards); without a compiler, or on a non-CPU device,
+or with TOKENYARD_DISABLE_KERNELS=1, the fallback runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+_SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+
+
+def _cpu_flags() -> list[str]:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    return ["-mavx2", "-mfma"] if " avx2" in info and " fma" in info else []
+
+
+@lru_cache(maxsize=1)
+def load_kernel():
+    """The compiled extension module, or None when it cannot be built here."""
+    if os.environ.get("TOKENYARD_DISABLE_KERNELS") == "1":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        from tokenyard.model.loader import cache_root
+
+        build = cache_root() / "kernels" / f"torch-{torch.__version__}"
+        build.mkdir(parents=True, exist_ok=True)
+        flags = ["-O3", "-fopenmp", *_cpu_flags()]
+        return load(name="tokenyard_paged_attention", sources=[str(_SOURCE)], extra_cflags=flags,
+                    build_directory=str(build), verbose=False)
+    except Exception as e:  # noqa: BLE001 - any build failure means: use the fallback
+        log.warning("paged attention kernel unavailable (%s); using the PyTorch fallback", e)
+        return None
+
+
+def decode_attention(
+    q: torch.Tensor,             # [n, heads, dim]
+    k_cache: torch.Tensor,       # [num_blocks, block_size, kv_heads, dim] (one layer)
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [n, max_blocks] int64
+    context_lens: torch.Tensor,  # [n] int64
+    mask: torch.Tensor,          # [n, 1, 1, max_blocks * block_size] bool, for the fallback
+    scale: float,
+    use_kernel: bool,
+) -> torch.Tensor:
+    """One query token per sequence; returns [n, heads, dim]."""
+    if use_kernel:
+        return load_kernel().paged_decode_attention(q.contiguous(), k_cache, v_cache, block_tables,
+                                                    context_lens, scale)
+    n = q.shape[0]
+    kv_heads, dim = k_cache.shape[2], k_cache.shape[3]
+    flat = block_tables.view(-1)
+    keys = k_cache.index_select(0, flat).view(n, -1, kv_heads, dim).transpose(1, 2)
+    vals = v_cache.index_select(0, flat).view(n, -1, kv_heads, dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.contiguous().unsqueeze(2), keys, vals, attn_mask=mask, scale=scale,
+                                         enable_gqa=kv_heads != q.shape[1])
+    return out.squeeze(2)
+
+
+def kernel_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype == torch.float32 and load_kernel() is not None
