@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tokenyard.kv.manager import KVCacheManager
@@ -81,6 +81,9 @@ def test_random_workloads_keep_invariants_and_finish(w):
                 del live[rid]
         step += 1
         assert step < 5000, "scheduler made no progress"
+    event(f"preempted: {sched.num_preemptions > 0}")
+    event(f"swapped: {kv.host_pool.num_blocks > 0 and w['mode'] == 'swap' and sched.num_preemptions > 0}")
+    event(f"prefix hits: {kv.prefix_hits > 0}")
     assert len(finished) == len(w["reqs"])
     for rid, status in finished.items():
         req_spec = w["reqs"][int(rid[1:])]
