@@ -32,27 +32,33 @@ torch::Tensor paged_decode_attention(
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
 
-  at::parallel_for(0, n * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // One work item per sequence: its keys for all kv heads sit together in each block row, so reads are
+  // contiguous. Within a block, token t's row for kv head kh starts at ((block * bs + t) * kv_heads + kh) * dim.
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    std::vector<float> acc(group * dim);
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t s = w / kv_heads, kh = w % kv_heads;
+    std::vector<float> acc(heads * dim);
+    std::vector<float> sums(heads);
+    for (int64_t s = begin; s < end; ++s) {
       const int64_t len = lens[s];
       const int64_t* table = bt + s * max_blocks;
-      const float* qs = qp + (s * heads + kh * group) * dim;
-      scores.resize(group * len);
-      for (int64_t t = 0; t < len; ++t) {
-        const float* kt = kp + ((table[t / block_size] * block_size + t % block_size) * kv_heads + kh) * dim;
-        for (int64_t h = 0; h < group; ++h) {
-          const float* qh = qs + h * dim;
-          float dot = 0.f;
+      const float* qs = qp + s * heads * dim;
+      scores.resize(heads * len);
+      for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
+        const int64_t rows = std::min(block_size, len - t0);
+        const float* kb = kp + table[b] * block_size * kv_heads * dim;
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* kr = kb + r * kv_heads * dim;
+          for (int64_t h = 0; h < heads; ++h) {
+            const float* qh = qs + h * dim;
+            const float* kt = kr + (h / group) * dim;
+            float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < dim; ++d) dot += qh[d] * kt[d];
-          scores[h * len + t] = dot * fscale;
+            for (int64_t d = 0; d < dim; ++d) dot += qh[d] * kt[d];
+            scores[h * len + t0 + r] = dot * fscale;
+          }
         }
       }
-      std::vector<float> sums(group);
-      for (int64_t h = 0; h < group; ++h) {
+      for (int64_t h = 0; h < heads; ++h) {
         float* sc = scores.data() + h * len;
         const float mx = *std::max_element(sc, sc + len);
         float sum = 0.f;
@@ -63,17 +69,22 @@ torch::Tensor paged_decode_attention(
         sums[h] = sum;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        const float* vt = vp + ((table[t / block_size] * block_size + t % block_size) * kv_heads + kh) * dim;
-        for (int64_t h = 0; h < group; ++h) {
-          const float p = scores[h * len + t];
-          float* a = acc.data() + h * dim;
+      for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
+        const int64_t rows = std::min(block_size, len - t0);
+        const float* vb = vp + table[b] * block_size * kv_heads * dim;
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* vr = vb + r * kv_heads * dim;
+          for (int64_t h = 0; h < heads; ++h) {
+            const float p = scores[h * len + t0 + r];
+            const float* vt = vr + (h / group) * dim;
+            float* a = acc.data() + h * dim;
 #pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) a[d] += p * vt[d];
+            for (int64_t d = 0; d < dim; ++d) a[d] += p * vt[d];
+          }
         }
       }
-      for (int64_t h = 0; h < group; ++h) {
-        float* o = op + (s * heads + kh * group + h) * dim;
+      for (int64_t h = 0; h < heads; ++h) {
+        float* o = op + (s * heads + h) * dim;
         const float inv = 1.f / sums[h];
         for (int64_t d = 0; d < dim; ++d) o[d] = acc[h * dim + d] * inv;
       }
