@@ -443,3 +443,46 @@ def test_sigterm_lets_inflight_stream_finish(bundled):
     assert rest[-1] == "data: [DONE]"
     assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
     assert bundled.proc.wait(timeout=30) == 0
+
+
+def test_engine_error_reaches_the_client_as_500(tiny_llama_dir, monkeypatch):
+    """A request the engine aborts for an error gets a 500 naming it, streamed or not; others are served."""
+    import asyncio
+
+    import httpx
+
+    from tokenyard.engine import sampler
+    from tokenyard.engine.async_engine import AsyncEngine
+    from tokenyard.engine.llm_engine import LLMEngine
+    from tokenyard.server.app import create_app
+
+    real = sampler._sample_row
+
+    def flaky(row, s):
+        if s.params.seed == 666:
+            raise RuntimeError("boom")
+        return real(row, s)
+
+    monkeypatch.setattr(sampler, "_sample_row", flaky)
+    engine = AsyncEngine(LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, block_size=4)))
+    app = create_app(engine)
+    body = {"model": engine.model_name, "prompt": "w5 w6", "max_tokens": 4, "temperature": 1.0, "seed": 666}
+
+    async def scenario() -> None:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                r = await c.post("/v1/completions", json=body)
+                assert r.status_code == 500
+                assert "boom" in r.json()["error"]["message"]
+                r = await c.post("/v1/completions", json=body | {"stream": True})
+                assert '"error"' in r.text and "boom" in r.text and r.text.rstrip().endswith("data: [DONE]")
+                r = await c.post("/v1/completions", json=body | {"seed": 1})
+                assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+                for _ in range(100):  # stats are a snapshot taken after each step: give the loop a moment
+                    if engine.stats()["kv_blocks_used"] == 0:
+                        break
+                    await asyncio.sleep(0.02)
+                assert engine.stats()["kv_blocks_used"] == 0
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

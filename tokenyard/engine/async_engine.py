@@ -325,7 +325,7 @@ class AsyncEngine:
         delta = RequestOutput(
             request_id=o.request_id, prompt_token_ids=o.prompt_token_ids, token_ids=list(o.new_token_ids),
             text=text, finish_reason=o.finish_reason, logprobs=lps, num_cached_tokens=o.num_cached_tokens,
-            new_text=text, new_token_ids=list(o.new_token_ids), metrics=dict(o.metrics),
+            new_text=text, new_token_ids=list(o.new_token_ids), metrics=dict(o.metrics), error=o.error,
         )
         if not s.started and (o.new_token_ids or o.finished):
             s.started = True

@@ -33,6 +33,7 @@ class _Choice:
     num_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    error: str | None = None
     num_cached_tokens: int = 0
     completion_logprobs: CompletionLogprobs = field(default_factory=CompletionLogprobs)
 
@@ -45,6 +46,7 @@ class _Choice:
         self.tracker.on_tokens(len(out.token_ids))
         if out.finished:
             self.finish_reason = out.finish_reason
+            self.error = out.error
             self.tracker.on_finish(out.finish_reason or "stop")
 
 
@@ -245,6 +247,9 @@ class OpenAIServing:
     async def _collect(self, job: _Job) -> None:
         async for i, out in self._merged(job):
             job.choices[i].add(out)
+        failed = [c.error for c in job.choices if c.finish_reason == "abort" and c.error]
+        if failed:
+            raise APIError(500, f"the engine could not complete the request: {failed[0]}", "server_error")
         if any(c.finish_reason == "abort" for c in job.choices):
             raise APIError(503, "the request was aborted by the server (shutting down)", "server_error")
 
@@ -315,6 +320,8 @@ class OpenAIServing:
                 c.add(out)
                 if out.text or out.logprobs or out.finished:
                     yield frame(i, out, c)
+                if out.error:
+                    raise APIError(500, f"the engine could not complete the request: {out.error}", "server_error")
             if job.include_usage:
                 kind = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
                 yield sse({"id": job.id, "object": kind, "created": job.created, "model": job.model,
