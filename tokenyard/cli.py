@@ -1,4 +1,4 @@
-"""``tokenyard serve | generate | chat``. Engine flags are generated from EngineConfig's fields, one to one."""
+"""``tokenyard serve | generate | chat | bench``. Engine flags are generated from EngineConfig's fields, one to one."""
 
 from __future__ import annotations
 
@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--system", default=None, help="an optional system message")
         add_engine_args(p)
         p.set_defaults(func=_one_off)
+
+    from tokenyard.bench.cli_args import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
