@@ -154,3 +154,22 @@ def test_chains_concurrency_history_and_skips():
                                  {"role": "user", "content": "q7"}]
     assert records[8].error_kind == "http_500"
     assert records[9].error_kind == "skipped" and not records[9].sent
+
+
+def test_gives_up_after_connection_failures_in_a_row():
+    def refuse(request):
+        raise httpx.ConnectError("Connection refused")
+
+    target = Target("http://bench.test", max_concurrency=1)
+    specs = [RequestSpec(i, 5, 3, 0.001 * i) for i in range(30)]
+    records = {i: RequestRecord(i, 5, 3) for i in range(30)}
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as client:
+            return await run_chains(target, [[s] for s in specs], {i: "x" for i in range(30)}, records, None,
+                                    client, give_up_after=10)
+
+    reason = asyncio.run(go())
+    assert reason and "10 connection failures in a row" in reason
+    assert sum(r.sent for r in records.values()) == 10
+    assert all(r.error_kind == "connect" for r in records.values() if r.sent)

@@ -8,6 +8,7 @@ Conversations (chains) send turn i+1 right after turn i completes, its prompt ex
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -180,28 +181,49 @@ def _extend(target: Target, prompt, answer: str):
 
 async def run_chains(target: Target, chains: Sequence[Sequence[RequestSpec]], texts: dict[int, str],
                      records: dict[int, RequestRecord], on_done: Callable[[RequestRecord], None] | None = None,
-                     client: httpx.AsyncClient | None = None) -> float:
-    """Send every chain at its arrival time; returns the start time (perf_counter) all records are relative to."""
+                     client: httpx.AsyncClient | None = None, give_up_after: int = 10) -> str | None:
+    """Send every chain at its arrival time. Times in the records are relative to the moment this starts.
+
+    After ``give_up_after`` connection failures in a row (no success between them) the server is taken to be
+    gone: nothing more is sent, and the reason comes back (None when the run went to the end).
+    """
     sem = asyncio.Semaphore(target.max_concurrency) if target.max_concurrency else None
     own = client is None
     client = client or make_client(target)
+    stop = asyncio.Event()
+    state = {"connect_failures": 0, "reason": None}
     t0 = time.perf_counter()
+
+    def account(rec: RequestRecord) -> None:
+        if rec.error_kind == "connect":
+            state["connect_failures"] += 1
+            if give_up_after and state["connect_failures"] >= give_up_after and not stop.is_set():
+                state["reason"] = f"{give_up_after} connection failures in a row; sent nothing more"
+                stop.set()
+        elif rec.ok:
+            state["connect_failures"] = 0
 
     async def one(chain: Sequence[RequestSpec]) -> None:
         delay = t0 + (chain[0].arrival_s or 0.0) - time.perf_counter()
         if delay > 0:
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
         history = None
         for k, spec in enumerate(chain):
+            if stop.is_set():
+                return
             rec = records[spec.index]
             prompt = _prompt_for(target, spec, texts[spec.index], history)
             body = request_body(target.endpoint, target.model, prompt, spec.output_len, target.ignore_eos,
                                 spec.tenant, spec.priority)
             if sem is not None:
                 async with sem:
+                    if stop.is_set():
+                        return
                     await send(client, target, body, rec, t0)
             else:
                 await send(client, target, body, rec, t0)
+            account(rec)
             if on_done is not None:
                 on_done(rec)
             if not rec.ok:
@@ -215,4 +237,4 @@ async def run_chains(target: Target, chains: Sequence[Sequence[RequestSpec]], te
     finally:
         if own:
             await client.aclose()
-    return t0
+    return state["reason"]

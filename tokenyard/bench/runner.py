@@ -175,9 +175,11 @@ def execute(target: Target, specs: list[RequestSpec], texts: dict[int, str], rec
     """Run the workload; True if it was interrupted (Ctrl-C). Records hold whatever was measured either way."""
     with RunProgress(len(specs), label, enabled=progress) as prog:
         try:
-            asyncio.run(run_chains(target, chains(specs), texts, records, prog.done))
+            gave_up = asyncio.run(run_chains(target, chains(specs), texts, records, prog.done))
         except KeyboardInterrupt:
             return True
+    if gave_up:
+        say(f"stopped early: {gave_up} (is the server still running at {target.base_url}?)")
     return False
 
 
