@@ -61,7 +61,7 @@ def print_summary(summary: dict, title: str, by_tenant: dict | None = None, fair
         console = Console()
         if not console.is_terminal:  # a pipe or file: wide enough that the tables do not wrap
             console = Console(width=120)
-    console.print(title, style="bold", highlight=False)
+    console.print(title, style="bold", highlight=False, markup=False)
     t = Table(show_header=False)
     t.add_column("metric")
     t.add_column("value", justify="right")
