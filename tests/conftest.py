@@ -59,3 +59,22 @@ def tiny_model_dir(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama-only"), "llama")
+
+
+FAILING_SEED = 666
+
+
+@pytest.fixture
+def sampling_fails_for_seed(monkeypatch) -> int:
+    """Make sampling raise ``RuntimeError("boom")`` for requests with seed FAILING_SEED; returns that seed."""
+    from tokenyard.engine import sampler
+
+    real = sampler._sample_row
+
+    def flaky(row, s):
+        if s.params.seed == FAILING_SEED:
+            raise RuntimeError("boom")
+        return real(row, s)
+
+    monkeypatch.setattr(sampler, "_sample_row", flaky)
+    return FAILING_SEED

@@ -101,20 +101,13 @@ def _assert_clean(llm):
     engine.scheduler.check_invariants()
 
 
-def test_sampling_failure_aborts_only_that_request(llm, monkeypatch):
+def test_sampling_failure_aborts_only_that_request(llm, request):
     good = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
             SamplingParams(max_tokens=6, temperature=1.0, seed=5, ignore_eos=True)]
     prompts = ["w70 w71", "w72 w73 w74"]
     alone = llm.generate(prompts, good)
-    real = sampler._sample_row
-
-    def flaky(row, s):
-        if s.params.seed == 666:
-            raise RuntimeError("boom")
-        return real(row, s)
-
-    monkeypatch.setattr(sampler, "_sample_row", flaky)
-    bad = SamplingParams(max_tokens=6, temperature=1.0, seed=666, ignore_eos=True)
+    failing_seed = request.getfixturevalue("sampling_fails_for_seed")  # only after the reference run
+    bad = SamplingParams(max_tokens=6, temperature=1.0, seed=failing_seed, ignore_eos=True)
     outs = llm.generate([prompts[0], "w75 w76", prompts[1]], [good[0], bad, good[1]])
     assert outs[1].finish_reason == "abort"
     assert "boom" in outs[1].error and outs[1].token_ids == []

@@ -445,28 +445,20 @@ def test_sigterm_lets_inflight_stream_finish(bundled):
     assert bundled.proc.wait(timeout=30) == 0
 
 
-def test_engine_error_reaches_the_client_as_500(tiny_llama_dir, monkeypatch):
+def test_engine_error_reaches_the_client_as_500(tiny_llama_dir, sampling_fails_for_seed):
     """A request the engine aborts for an error gets a 500 naming it, streamed or not; others are served."""
     import asyncio
 
     import httpx
 
-    from tokenyard.engine import sampler
     from tokenyard.engine.async_engine import AsyncEngine
     from tokenyard.engine.llm_engine import LLMEngine
     from tokenyard.server.app import create_app
 
-    real = sampler._sample_row
-
-    def flaky(row, s):
-        if s.params.seed == 666:
-            raise RuntimeError("boom")
-        return real(row, s)
-
-    monkeypatch.setattr(sampler, "_sample_row", flaky)
     engine = AsyncEngine(LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, block_size=4)))
     app = create_app(engine)
-    body = {"model": engine.model_name, "prompt": "w5 w6", "max_tokens": 4, "temperature": 1.0, "seed": 666}
+    body = {"model": engine.model_name, "prompt": "w5 w6", "max_tokens": 4, "temperature": 1.0,
+            "seed": sampling_fails_for_seed}
 
     async def scenario() -> None:
         async with app.router.lifespan_context(app):
