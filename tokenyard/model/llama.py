@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenyard.model.config import ModelConfig
-from tokenyard.model.paged_attention import decode_attention, kernel_usable
+from tokenyard.model.paged_attention import decode_attention, kernel_usable, load_kernel
 
 
 @dataclass
@@ -136,31 +136,42 @@ class LlamaModel:
         half = D // 2
         qk_heads = H + KVH
         qk_size = self.q_size + self.kv_size
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        cos = self.cos[positions]
+        sin = self.sin[positions]
         slots = meta.slot_mapping
         linear, silu = F.linear, F.silu
+        fused = load_kernel() if self.use_kernel else None
+        if fused is not None:
+            def norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+                return fused.rms_norm_apply(x, x.pow(2).mean(-1, keepdim=True), weight, eps)
+        else:
+            def norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+                return rms_norm(x, weight, eps)
+            cos3, sin3 = cos.unsqueeze(1), sin.unsqueeze(1)
         x = F.embedding(input_ids, self.w.embed)
         for li, lw in enumerate(self.w.layers):
-            h = rms_norm(x, lw.input_norm, eps)
+            h = norm(x, lw.input_norm)
             qkv = linear(h, lw.qkv, lw.qkv_bias)
-            # RoPE on q and k at once: [T, H + KVH, D].
-            qk = qkv[:, :qk_size].view(T, qk_heads, D)
-            qk = qk * cos + qk.roll(half, -1) * sin
-            q = qk[:, :H]
-            k = qk[:, H:]
-            v = qkv[:, qk_size:].view(T, KVH, D)
             kc = k_cache[li]
             vc = v_cache[li]
-            kc.view(-1, KVH, D).index_copy_(0, slots, k)
-            vc.view(-1, KVH, D).index_copy_(0, slots, v)
+            v = qkv[:, qk_size:].view(T, KVH, D)
+            if fused is not None:  # RoPE and the cache writes in one call, same arithmetic
+                q, k = fused.rope_and_cache(qkv, cos, sin, kc, vc, slots, H, KVH)
+            else:
+                # RoPE on q and k at once: [T, H + KVH, D].
+                qk = qkv[:, :qk_size].view(T, qk_heads, D)
+                qk = qk * cos3 + qk.roll(half, -1) * sin3
+                q = qk[:, :H]
+                k = qk[:, H:]
+                kc.view(-1, KVH, D).index_copy_(0, slots, k)
+                vc.view(-1, KVH, D).index_copy_(0, slots, v)
             attn = self._attention(q, k, v, kc, vc, meta)
             x.add_(linear(attn.reshape(T, H * D), lw.o))
-            h = rms_norm(x, lw.post_norm, eps)
+            h = norm(x, lw.post_norm)
             gate_up = linear(h, lw.gate_up)
             inter = gate_up.shape[-1] // 2
             x.add_(linear(silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), lw.down))
-        x = rms_norm(x[logits_rows], self.w.norm, eps)
+        x = norm(x[logits_rows], self.w.norm)
         return linear(x, self.w.lm_head)
 
     def _attention(self, q, k, v, kc, vc, meta: AttentionMetadata) -> torch.Tensor:

@@ -44,7 +44,7 @@ def load_kernel():
 
         build = cache_root() / "kernels" / f"torch-{torch.__version__}"
         build.mkdir(parents=True, exist_ok=True)
-        flags = ["-O3", "-fopenmp", *_cpu_flags()]
+        flags = ["-O3", "-fopenmp", "-ffp-contract=off", *_cpu_flags()]
         return load(name="tokenyard_paged_attention", sources=[str(_SOURCE)], extra_cflags=flags,
                     build_directory=str(build), verbose=False)
     except Exception as e:  # noqa: BLE001 - any build failure means: use the fallback

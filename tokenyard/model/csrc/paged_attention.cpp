@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <vector>
 
@@ -32,25 +33,32 @@ torch::Tensor paged_decode_attention(
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
 
-  // One work item per sequence: its keys for all kv heads sit together in each block row, so reads are
-  // contiguous. Within a block, token t's row for kv head kh starts at ((block * bs + t) * kv_heads + kh) * dim.
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+  // A work item is one sequence (all heads), or, when there are too few sequences to keep every thread
+  // busy (a single stream), one kv head of one sequence with its query-head group. Per-sequence items read
+  // each block row contiguously. Within a block, token r's row for kv head kh starts at
+  // ((block * block_size + r) * kv_heads + kh) * dim.
+  const bool by_kv_head = n < 2 * at::get_num_threads();
+  const int64_t items = by_kv_head ? n * kv_heads : n;
+  const int64_t span = by_kv_head ? group : heads;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    std::vector<float> acc(heads * dim);
-    std::vector<float> sums(heads);
-    for (int64_t s = begin; s < end; ++s) {
+    std::vector<float> acc(span * dim);
+    std::vector<float> sums(span);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t s = by_kv_head ? w / kv_heads : w;
+      const int64_t h0 = by_kv_head ? (w % kv_heads) * group : 0;
       const int64_t len = lens[s];
       const int64_t* table = bt + s * max_blocks;
-      const float* qs = qp + s * heads * dim;
-      scores.resize(heads * len);
+      const float* qs = qp + (s * heads + h0) * dim;
+      scores.resize(span * len);
       for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
         const int64_t rows = std::min(block_size, len - t0);
         const float* kb = kp + table[b] * block_size * kv_heads * dim;
         for (int64_t r = 0; r < rows; ++r) {
           const float* kr = kb + r * kv_heads * dim;
-          for (int64_t h = 0; h < heads; ++h) {
+          for (int64_t h = 0; h < span; ++h) {
             const float* qh = qs + h * dim;
-            const float* kt = kr + (h / group) * dim;
+            const float* kt = kr + ((h0 + h) / group) * dim;
             float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
             for (int64_t d = 0; d < dim; ++d) dot += qh[d] * kt[d];
@@ -58,7 +66,7 @@ torch::Tensor paged_decode_attention(
           }
         }
       }
-      for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t h = 0; h < span; ++h) {
         float* sc = scores.data() + h * len;
         const float mx = *std::max_element(sc, sc + len);
         float sum = 0.f;
@@ -74,17 +82,17 @@ torch::Tensor paged_decode_attention(
         const float* vb = vp + table[b] * block_size * kv_heads * dim;
         for (int64_t r = 0; r < rows; ++r) {
           const float* vr = vb + r * kv_heads * dim;
-          for (int64_t h = 0; h < heads; ++h) {
+          for (int64_t h = 0; h < span; ++h) {
             const float p = scores[h * len + t0 + r];
-            const float* vt = vr + (h / group) * dim;
+            const float* vt = vr + ((h0 + h) / group) * dim;
             float* a = acc.data() + h * dim;
 #pragma omp simd
             for (int64_t d = 0; d < dim; ++d) a[d] += p * vt[d];
           }
         }
       }
-      for (int64_t h = 0; h < heads; ++h) {
-        float* o = op + (s * heads + h) * dim;
+      for (int64_t h = 0; h < span; ++h) {
+        float* o = op + (s * heads + h0 + h) * dim;
         const float inv = 1.f / sums[h];
         for (int64_t d = 0; d < dim; ++d) o[d] = acc[h * dim + d] * inv;
       }
@@ -93,6 +101,85 @@ torch::Tensor paged_decode_attention(
   return out;
 }
 
+
+// The two ops below fuse runs of small elementwise PyTorch ops that cost more in per-op dispatch than in
+// arithmetic at decode sizes. Each does exactly the same IEEE operations in the same order as the PyTorch
+// code it replaces (built with -ffp-contract=off, so no FMA contraction), so results are bit for bit equal.
+
+// RMSNorm's tail: out = (x * (1 / sqrt(var + eps))) * weight, with var = mean(x^2) computed by PyTorch.
+torch::Tensor rms_norm_apply(const torch::Tensor& x, const torch::Tensor& var, const torch::Tensor& weight,
+                             double eps) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x: contiguous [T, H] float32");
+  TORCH_CHECK(var.is_contiguous() && weight.is_contiguous(), "contiguous var and weight");
+  const int64_t rows = x.size(0), h = x.size(1);
+  auto out = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* vp = var.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float feps = static_cast<float>(eps);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float inv = 1.f / std::sqrt(vp[r] + feps);
+      const float* xr = xp + r * h;
+      float* o = op + r * h;
+      for (int64_t i = 0; i < h; ++i) {
+        const float t = xr[i] * inv;
+        o[i] = t * wp[i];
+      }
+    }
+  });
+  return out;
+}
+
+// RoPE on q and k (rotate-half form with the sign folded into sin), k and v written to their cache slots.
+// qkv: [T, (heads + 2 * kv_heads) * dim]; cos, sin: [T, dim]. Returns q and k rotated: [T, heads, dim],
+// [T, kv_heads, dim] (k is also what a fresh prefill attends to).
+std::vector<torch::Tensor> rope_and_cache(const torch::Tensor& qkv, const torch::Tensor& cos,
+                                          const torch::Tensor& sin, torch::Tensor& k_cache,
+                                          torch::Tensor& v_cache, const torch::Tensor& slots, int64_t heads,
+                                          int64_t kv_heads) {
+  TORCH_CHECK(qkv.dtype() == torch::kFloat32 && qkv.is_contiguous(), "qkv: contiguous float32");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && slots.is_contiguous(), "contiguous tables");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous caches");
+  const int64_t T = qkv.size(0), dim = cos.size(1), half = dim / 2;
+  const int64_t width = qkv.size(1);
+  TORCH_CHECK(width == (heads + 2 * kv_heads) * dim, "qkv width does not match the head counts");
+  auto q = torch::empty({T, heads, dim}, qkv.options());
+  auto k = torch::empty({T, kv_heads, dim}, qkv.options());
+  const float* src = qkv.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  float* qp = q.data_ptr<float>();
+  float* kp = k.data_ptr<float>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const int64_t kv_row = kv_heads * dim;
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* row = src + t * width;
+      const float* c = cp + t * dim;
+      const float* s = sp + t * dim;
+      for (int64_t hd = 0; hd < heads + kv_heads; ++hd) {
+        const float* x = row + hd * dim;
+        float* o = hd < heads ? qp + (t * heads + hd) * dim : kp + (t * kv_heads + hd - heads) * dim;
+        for (int64_t i = 0; i < dim; ++i) {
+          const float rolled = i < half ? x[i + half] : x[i - half];
+          const float a = x[i] * c[i];
+          const float b = rolled * s[i];
+          o[i] = a + b;
+        }
+      }
+      std::memcpy(kc + slot[t] * kv_row, kp + t * kv_row, kv_row * sizeof(float));
+      std::memcpy(vc + slot[t] * kv_row, row + (heads + kv_heads) * dim, kv_row * sizeof(float));
+    }
+  });
+  return {q, k};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
+  m.def("rms_norm_apply", &rms_norm_apply, "RMSNorm scaling, given the mean of squares");
+  m.def("rope_and_cache", &rope_and_cache, "RoPE on q and k; k and v written to their cache slots");
 }
