@@ -4,55 +4,24 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 
+from tests.servers import Server, free_port
 from tokenyard.cli import main
 
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir, tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("bench-logs") / "server.log"
-    cmd = [sys.executable, "-m", "tokenyard.cli", "serve", "--model", str(tiny_llama_dir), "--port", str(port),
-           "--num-threads", "1", "--log-level", "warning", "--no-access-log", "--num-kv-blocks", "128",
-           "--max-num-seqs", "16", "--scheduling-policy", "priority"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server not ready:\n{log.read_text()}")
-        time.sleep(0.1)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    srv = Server(["--model", str(tiny_llama_dir), "--num-kv-blocks", "128", "--max-num-seqs", "16",
+                  "--scheduling-policy", "priority"], log)
+    yield srv.url
+    srv.stop()
 
 
 def bench_cli(*args: str) -> subprocess.CompletedProcess:
