@@ -115,3 +115,10 @@ def test_abort_mid_batch(tiny_model_dir):
         assert done[ids[i]].token_ids == hf_greedy(tiny_model_dir, prompts[i], MAX_NEW)
     assert engine.kv.num_used_blocks == 0
     engine.scheduler.check_invariants()
+
+
+def test_pytorch_fallback_path_is_exact(tiny_model_dir):
+    """The pure-PyTorch path (no C++ kernel: no compiler, or CUDA) gives the same tokens."""
+    llm = _llm(tiny_model_dir, max_num_batched_tokens=16)
+    llm.engine.runner.model.use_kernel = False
+    _check(llm, tiny_model_dir, _prompts(5, 1, 40, seed=8))
