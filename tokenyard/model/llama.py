@@ -118,6 +118,8 @@ class LlamaModel:
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.gqa = cfg.num_heads != cfg.num_kv_heads
         self.use_kernel = kernel_usable(device, weights.embed.dtype)
+        self.fuse_decode_layers = True  # decode-only steps run the layer loop in C++ (when use_kernel)
+        self._flat: list[torch.Tensor] | None = None
 
     @torch.inference_mode()
     def forward(
@@ -149,6 +151,11 @@ class LlamaModel:
                 return rms_norm(x, weight, eps)
             cos3, sin3 = cos.unsqueeze(1), sin.unsqueeze(1)
         x = F.embedding(input_ids, self.w.embed)
+        if fused is not None and self.fuse_decode_layers and not meta.prefills:
+            # Decode-only step: the whole layer loop in C++ (same ops, no Python per-op overhead).
+            x = fused.decode_layers(x, self._flat_weights(), cos, sin, k_cache, v_cache, slots,
+                                    meta.decode_block_tables, meta.decode_context_lens, H, KVH, eps, self.scale)
+            return linear(norm(x[logits_rows], self.w.norm), self.w.lm_head)
         for li, lw in enumerate(self.w.layers):
             h = norm(x, lw.input_norm)
             qkv = linear(h, lw.qkv, lw.qkv_bias)
@@ -173,6 +180,14 @@ class LlamaModel:
             x.add_(linear(silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), lw.down))
         x = norm(x[logits_rows], self.w.norm)
         return linear(x, self.w.lm_head)
+
+    def _flat_weights(self) -> list[torch.Tensor]:
+        if self._flat is None:
+            empty = torch.empty(0, dtype=self.w.embed.dtype, device=self.device)
+            self._flat = [t for lw in self.w.layers for t in (
+                lw.input_norm, lw.qkv, lw.o, lw.post_norm, lw.gate_up, lw.down,
+                lw.qkv_bias if lw.qkv_bias is not None else empty)]
+        return self._flat
 
     def _attention(self, q, k, v, kc, vc, meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, KVH, D] (this step's); kc, vc: one layer's paged cache."""
