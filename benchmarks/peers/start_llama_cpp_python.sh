@@ -86,19 +86,4 @@ cmd=("$venv/bin/python" "${entry[@]}" --model "$model" --model_alias "$alias" --
      --n_threads "$threads" --n_threads_batch "$threads" --n_ctx "$n_ctx" --interrupt_requests False
      "${extra[@]}")
 
-if (( foreground )); then
-    echo "start_llama_cpp_python: ${cmd[*]}" >&2
-    exec "${cmd[@]}"
-fi
-log="$PEERS_CACHE/logs/llama-cpp-python-$port.log"
-echo "start_llama_cpp_python: ${cmd[*]} (log: $log)" >&2
-nohup "${cmd[@]}" >"$log" 2>&1 &
-pid=$!
-echo "$pid" >"$PEERS_CACHE/logs/llama-cpp-python-$port.pid"
-if ! wait_ready "$url/v1/models" "$pid" 180; then
-    tail -n 20 "$log" >&2
-    kill "$pid" 2>/dev/null || true
-    exit 1
-fi
-echo "start_llama_cpp_python: ready (pid $pid; stop with: kill $pid)" >&2
-echo "$url"
+launch llama_cpp_python "$foreground" "$url/v1/models" "${cmd[@]}"

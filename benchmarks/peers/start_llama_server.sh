@@ -43,19 +43,4 @@ cmd=("$bin" -m "$model" --host "$host" --port "$port" --alias "$alias"
      -np "$slots" -c $(( slots * ctx_per_slot )) -t "$threads" -tb "$threads" --cont-batching --no-webui
      "${extra[@]}")
 
-if (( foreground )); then
-    echo "start_llama_server: ${cmd[*]}" >&2
-    exec "${cmd[@]}"
-fi
-log="$PEERS_CACHE/logs/llama-server-$port.log"
-echo "start_llama_server: ${cmd[*]} (log: $log)" >&2
-nohup "${cmd[@]}" >"$log" 2>&1 &
-pid=$!
-echo "$pid" >"$PEERS_CACHE/logs/llama-server-$port.pid"
-if ! wait_ready "$url/health" "$pid" 180; then
-    tail -n 20 "$log" >&2
-    kill "$pid" 2>/dev/null || true
-    exit 1
-fi
-echo "start_llama_server: ready (pid $pid; stop with: kill $pid)" >&2
-echo "$url"
+launch llama_server "$foreground" "$url/health" "${cmd[@]}"
