@@ -27,6 +27,16 @@ def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[i
     return [[rng.randrange(100, vocab - 1) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
+def throughput(n_out: int, elapsed: float, prompts: list[list[int]], **extra) -> dict:
+    return {
+        "elapsed_s": elapsed,
+        "output_tokens": n_out,
+        "output_tok_s": n_out / elapsed,
+        "total_tok_s": (n_out + sum(map(len, prompts))) / elapsed,
+        **extra,
+    }
+
+
 # ----------------------------------------------------------------------------- tokenyard
 def run_tokenyard(args, prompts, single_prompt) -> dict:
     from tokenyard import LLM, SamplingParams
@@ -67,15 +77,9 @@ def run_tokenyard(args, prompts, single_prompt) -> dict:
     return {
         "load_s": load_s,
         "single": single,
-        "throughput": {
-            "elapsed_s": elapsed,
-            "output_tokens": n_out,
-            "output_tok_s": n_out / elapsed,
-            "total_tok_s": (n_out + sum(map(len, prompts))) / elapsed,
-            "steps": len(step_times),
-            "median_step_ms": 1000 * statistics.median(step_times),
-            "preemptions": engine.scheduler.num_preemptions,
-        },
+        "throughput": throughput(n_out, elapsed, prompts, steps=len(step_times),
+                                 median_step_ms=1000 * statistics.median(step_times),
+                                 preemptions=engine.scheduler.num_preemptions),
     }
 
 
@@ -116,13 +120,7 @@ def run_transformers(args, prompts, single_prompt, hf_dir) -> dict:
     return {
         "load_s": load_s,
         "single": single,
-        "throughput": {
-            "elapsed_s": elapsed,
-            "output_tokens": n_out,
-            "output_tok_s": n_out / elapsed,
-            "total_tok_s": (n_out + sum(map(len, prompts))) / elapsed,
-            "batch_size": args.hf_batch_size,
-        },
+        "throughput": throughput(n_out, elapsed, prompts, batch_size=args.hf_batch_size),
     }
 
 
