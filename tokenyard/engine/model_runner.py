@@ -113,7 +113,8 @@ class ModelRunner:
             table = [c.block_ids + [0] * (width - len(c.block_ids)) for c in decodes]
             block_tables = torch.tensor(table, dtype=torch.long, device=dev)
             ctx = torch.tensor([c.start_pos + 1 for c in decodes], dtype=torch.long, device=dev)
-            decode_mask = (torch.arange(width * bs, device=dev)[None, :] < ctx[:, None])[:, None, None, :]
+            if not self.model.use_kernel:  # the kernel reads context_lens; only the SDPA fallback needs a mask
+                decode_mask = (torch.arange(width * bs, device=dev)[None, :] < ctx[:, None])[:, None, None, :]
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decodes=nd,

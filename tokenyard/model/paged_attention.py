@@ -58,7 +58,7 @@ def decode_attention(
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,  # [n, max_blocks] int64
     context_lens: torch.Tensor,  # [n] int64
-    mask: torch.Tensor,          # [n, 1, 1, max_blocks * block_size] bool, for the fallback
+    mask: torch.Tensor | None,   # [n, 1, 1, max_blocks * block_size] bool; the fallback needs it
     scale: float,
     use_kernel: bool,
 ) -> torch.Tensor:
