@@ -35,7 +35,7 @@ def workloads(draw):
     return dict(
         block_size=block_size, num_blocks=num_blocks, budget=budget, reqs=reqs,
         max_num_seqs=draw(st.integers(1, 16)),
-        policy=draw(st.sampled_from(["fcfs", "priority"])),
+        policy=draw(st.sampled_from(["fcfs", "priority", "vtc", "vtc+priority"])),
         mode=draw(st.sampled_from(["recompute", "swap"])),
         host_blocks=draw(st.integers(0, 64)),
         caching=draw(st.booleans()),

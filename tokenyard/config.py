@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
+from pathlib import Path
+
+from tokenyard.sched.policies import POLICY_NAMES, check_policy_name
 
 
 @dataclass
@@ -17,7 +21,10 @@ class EngineConfig:
     swap_space_gb: float = 1.0
     enable_prefix_caching: bool = True
     preemption_mode: str = "recompute"       # "recompute" | "swap"
-    scheduling_policy: str = "fcfs"          # "fcfs" | "priority"
+    scheduling_policy: str = "fcfs"          # "fcfs" | "priority" | "vtc" | "vtc+priority"
+    tenant_weights: str | None = None        # VTC weights: "alice=2,bob=1" or a file of them; others weigh 1
+    vtc_w_p: float = 1.0                     # VTC service per prompt token
+    vtc_w_q: float = 2.0                     # VTC service per output token
     max_model_len: int | None = None         # None: the model's context window
     device: str | None = None                # None: cuda if available, else cpu
     dtype: str = "float32"                   # "float32" | "bfloat16" | "float16"
@@ -37,9 +44,65 @@ class EngineConfig:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.preemption_mode not in ("recompute", "swap"):
             raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
-        if self.scheduling_policy not in ("fcfs", "priority"):
-            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
+        check_policy_name(self.scheduling_policy)
+        for name in ("vtc_w_p", "vtc_w_q"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if self.vtc_w_p + self.vtc_w_q <= 0:
+            raise ValueError("vtc_w_p and vtc_w_q must not both be 0")
+        self.tenant_weight_map()  # validates
+
+    def tenant_weight_map(self) -> dict[str, float]:
+        return parse_tenant_weights(self.tenant_weights)
 
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
+
+
+def parse_tenant_weights(spec: str | None) -> dict[str, float]:
+    """``"alice=2,bob=0.5"``, or the path of a file holding either a JSON object ``{"alice": 2}`` or such pairs
+    (one per line or comma-separated; ``#`` starts a comment). Tenants not named weigh 1."""
+    if spec is None or not spec.strip():
+        return {}
+    where = "tenant_weights"
+    text = spec
+    path = Path(spec)
+    if "=" not in spec and not spec.lstrip().startswith("{"):
+        if not path.is_file():
+            raise ValueError(f"tenant_weights: {spec!r} is neither name=weight pairs nor a readable file")
+        text, where = path.read_text(), f"tenant_weights file {spec}"
+    if text.lstrip().startswith("{"):
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: expected a JSON object of tenant -> weight")
+        pairs = list(raw.items())
+    else:
+        pairs = []
+        for line in text.splitlines():
+            for item in line.split("#", 1)[0].split(","):
+                if not item.strip():
+                    continue
+                name, sep, value = item.partition("=")
+                if not sep or not name.strip():
+                    raise ValueError(f"{where}: {item.strip()!r} is not name=weight")
+                try:
+                    pairs.append((name.strip(), float(value)))
+                except ValueError:
+                    raise ValueError(f"{where}: weight of {name.strip()!r} is not a number: {value.strip()!r}") \
+                        from None
+    weights: dict[str, float] = {}
+    for name, w in pairs:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0 or w == float("inf"):
+            raise ValueError(f"{where}: weight of {name!r} must be a positive number, got {w!r}")
+        if name in weights:
+            raise ValueError(f"{where}: tenant {name!r} is given twice")
+        weights[name] = float(w)
+    return weights
+
+
+__all__ = ["EngineConfig", "POLICY_NAMES", "parse_tenant_weights"]

@@ -66,6 +66,9 @@ class LLMEngine:
                 max_num_seqs=config.max_num_seqs,
                 scheduling_policy=config.scheduling_policy,
                 preemption_mode=config.preemption_mode,
+                vtc_w_p=config.vtc_w_p,
+                vtc_w_q=config.vtc_w_q,
+                tenant_weights=config.tenant_weight_map(),
             ),
             self.kv,
         )

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from tokenyard.invariants import require
+
 
 @dataclass(eq=False)
 class Block:
@@ -95,16 +97,15 @@ class BlockPool:
         self._cached.clear()
 
     def check(self) -> None:
-        """Raise AssertionError if the pool's own structures disagree."""
+        """Raise InvariantError if the pool's own structures disagree."""
         free_ids = set(self._free)
-        assert len(free_ids) == len(self._free)
+        require(len(free_ids) == len(self._free), "a block is in the free queue twice")
         for block in self.blocks:
-            assert block.ref_cnt >= 0, f"block {block.block_id} has negative refs"
-            assert (block.ref_cnt == 0) == (block.block_id in free_ids), (
-                f"block {block.block_id}: ref_cnt={block.ref_cnt} but in free queue={block.block_id in free_ids}"
-            )
+            require(block.ref_cnt >= 0, f"block {block.block_id} has negative refs")
+            require((block.ref_cnt == 0) == (block.block_id in free_ids),
+                    f"block {block.block_id}: ref_cnt={block.ref_cnt} but in free queue={block.block_id in free_ids}")
         for h, block in self._cached.items():
-            assert block.block_hash == h, f"cached block {block.block_id} hash mismatch"
+            require(block.block_hash == h, f"cached block {block.block_id} hash mismatch")
 
 
 class HostBlockPool:
@@ -130,7 +131,6 @@ class HostBlockPool:
 
     def check(self, owned: list[int]) -> None:
         all_ids = list(self._free) + owned
-        assert len(all_ids) == len(set(all_ids)), "host block owned twice or both free and owned"
-        assert len(all_ids) == self.num_blocks, (
-            f"host blocks leaked: {self.num_blocks - len(all_ids)} neither free nor owned"
-        )
+        require(len(all_ids) == len(set(all_ids)), "host block owned twice or both free and owned")
+        require(len(all_ids) == self.num_blocks,
+                f"host blocks leaked: {self.num_blocks - len(all_ids)} neither free nor owned")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from tokenyard.invariants import require
 from tokenyard.kv.block_pool import Block, BlockPool, HostBlockPool
 from tokenyard.kv.hashing import extend_block_hashes
 
@@ -34,6 +35,9 @@ class KVCacheManager:
         self.host_blocks: dict[str, list[int]] = {}
         self._hashes: dict[str, list[int]] = {}
         self._num_cached: dict[str, int] = {}
+        # Host blocks a swap-in read this step: released when the step's decisions are final (end_step), so a
+        # swap-out decided later in the same step cannot overwrite them before the runner copies them in.
+        self._host_reading: list[int] = []
         # Statistics, in tokens.
         self.prefix_queries = 0
         self.prefix_hits = 0
@@ -52,9 +56,13 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.prefix_queries += len(token_ids)
-        self.prefix_hits += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
+
+    def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count a lookup whose request was admitted (a blocked queue head looks up again every step)."""
+        if self.enable_prefix_caching:
+            self.prefix_queries += num_tokens
+            self.prefix_hits += num_hit_tokens
 
     def cache_full_blocks(self, req_id: str, token_ids: list[int], num_computed: int) -> None:
         """Register blocks whose every token now has KV in the cache."""
@@ -93,6 +101,14 @@ class KVCacheManager:
             blocks.extend(self.pool.allocate(n_new))
         return True
 
+    def trim(self, req_id: str, num_tokens: int) -> None:
+        """Free the request's blocks beyond its first ``num_tokens`` tokens (work of this step rolled back)."""
+        blocks = self.req_blocks.get(req_id)
+        keep = cdiv(num_tokens, self.block_size)
+        if blocks and len(blocks) > keep:
+            self.pool.free(blocks[keep:][::-1])
+            del blocks[keep:]
+
     def block_ids(self, req_id: str) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(req_id, ())]
 
@@ -129,8 +145,14 @@ class KVCacheManager:
         host = self.host_blocks.pop(req_id, [])
         blocks = self.pool.allocate(len(host))
         self.req_blocks[req_id] = blocks
-        self.host_pool.free(host)
+        self._host_reading.extend(host)
         return [(h, b.block_id) for h, b in zip(host, blocks)]
+
+    def end_step(self) -> None:
+        """The step's decisions are final: host blocks read by its swap-ins become free."""
+        if self._host_reading:
+            self.host_pool.free(self._host_reading)
+            self._host_reading = []
 
     # ----------------------------------------------------------------- stats & checks
     @property
@@ -150,11 +172,10 @@ class KVCacheManager:
         refs: Counter[int] = Counter()
         for req_id, blocks in self.req_blocks.items():
             ids = [b.block_id for b in blocks]
-            assert len(ids) == len(set(ids)), f"request {req_id} holds a block twice: {ids}"
+            require(len(ids) == len(set(ids)), f"request {req_id} holds a block twice: {ids}")
             refs.update(ids)
-            assert req_id not in self.host_blocks, f"request {req_id} holds device and host blocks"
+            require(req_id not in self.host_blocks, f"request {req_id} holds device and host blocks")
         for block in self.pool.blocks:
-            assert block.ref_cnt == refs.get(block.block_id, 0), (
-                f"block {block.block_id}: ref_cnt={block.ref_cnt}, owners={refs.get(block.block_id, 0)}"
-            )
-        self.host_pool.check([h for hs in self.host_blocks.values() for h in hs])
+            require(block.ref_cnt == refs.get(block.block_id, 0),
+                    f"block {block.block_id}: ref_cnt={block.ref_cnt}, owners={refs.get(block.block_id, 0)}")
+        self.host_pool.check([h for hs in self.host_blocks.values() for h in hs] + self._host_reading)

@@ -1,22 +1,31 @@
 """The unified token-budget scheduler (Sarathi-Serve / vLLM v1 style). Pure Python, no torch.
 
 There is no prefill phase and no decode phase. Each step hands out at most ``max_num_batched_tokens``:
-running decodes first (one token each, so they never stall behind a prompt), then running partial
-prefills (a chunk of what is left), then swapped requests coming back, then waiting requests in policy
-order. When blocks run out, the least urgent running request is preempted by swap or by recompute.
+running decodes first (one token each, so they never stall behind a prompt), then prefill work: running
+partial prefills and queued (waiting or swapped-out) requests, merged in the policy's order of urgency, so
+a long, unimportant prompt mid-prefill does not hold the budget against an urgent newcomer.
+
+Who waits and who is preempted is the policy's call (``tokenyard.sched.policy``):
+
+- Out of blocks, the victim is the least urgent of *all* running requests, also one already given work in
+  this step: that work is rolled back (its budget, its new blocks, its accounting), as vLLM v1 does.
+- A queued request that does not fit may preempt the least urgent running request if the policy allows it
+  (``priority``: a worse priority; ``vtc+priority``: a worse band) and that one is less urgent.
+- Once a step has preempted anyone, it admits only requests more urgent than everyone it preempted, so no
+  request preempted in a step is more urgent than one that kept its blocks (and admission does not thrash).
 """
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
+from tokenyard.invariants import InvariantError, require
 from tokenyard.kv.manager import KVCacheManager, cdiv
+from tokenyard.sched.accounting import Charge, ServiceLedger
 from tokenyard.sched.output import ScheduledChunk, SchedulerOutput
-from tokenyard.sched.policy import make_policy
+from tokenyard.sched.policies import check_policy_name, make_policy
 from tokenyard.sched.request import Request, RequestStatus
 
 
@@ -24,8 +33,11 @@ from tokenyard.sched.request import Request, RequestStatus
 class SchedulerConfig:
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 256
-    scheduling_policy: str = "fcfs"       # "fcfs" | "priority"
+    scheduling_policy: str = "fcfs"       # "fcfs" | "priority" | "vtc" | "vtc+priority"
     preemption_mode: str = "recompute"    # "recompute" | "swap"
+    vtc_w_p: float = 1.0                  # service per prompt token
+    vtc_w_q: float = 2.0                  # service per output token
+    tenant_weights: Mapping[str, float] = field(default_factory=dict)  # others weigh 1
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
@@ -34,29 +46,41 @@ class SchedulerConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.preemption_mode not in ("recompute", "swap"):
             raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
-        make_policy(self.scheduling_policy)  # validates the name
+        check_policy_name(self.scheduling_policy)
+
+
+@dataclass
+class _Step:
+    """One step's decisions in the making."""
+
+    out: SchedulerOutput
+    budget: int
+    scheduled: dict[str, tuple[ScheduledChunk, Charge | None]] = field(default_factory=dict)
+    admitted: set[str] = field(default_factory=set)
+    most_urgent_preempted: tuple | None = None
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
         self.config = config
         self.kv = kv
-        self.policy = make_policy(config.scheduling_policy)
+        self.ledger = ServiceLedger(config.vtc_w_p, config.vtc_w_q, config.tenant_weights)
+        self.policy = make_policy(config.scheduling_policy, self.ledger)
         self.requests: dict[str, Request] = {}
-        self.waiting: list[Request] = []   # sorted by policy key
-        self.swapped: list[Request] = []   # sorted by policy key
         self.running: list[Request] = []
-        self._seq = itertools.count()
-        self._order: dict[str, int] = {}
         self._finished_ids: list[str] = []
         self.num_preemptions = 0
+        # Preempted this step -> the urgency each had (for tests and the invariant "no inversion").
+        self.last_preempted: dict[str, tuple] = {}
 
-    # ----------------------------------------------------------------- queue helpers
-    def _key(self, req: Request) -> tuple:
-        return self.policy.key(req, self._order[req.request_id])
+    # ----------------------------------------------------------------- queues (the policy owns them)
+    @property
+    def waiting(self) -> list[Request]:
+        return [r for r in self.policy.queued() if r.status is RequestStatus.WAITING]
 
-    def _insort(self, queue: list[Request], req: Request) -> None:
-        bisect.insort(queue, req, key=self._key)
+    @property
+    def swapped(self) -> list[Request]:
+        return [r for r in self.policy.queued() if r.status is RequestStatus.SWAPPED]
 
     # ----------------------------------------------------------------- public API
     def add_request(self, req: Request) -> None:
@@ -70,10 +94,18 @@ class Scheduler:
                 f"request needs up to {total} tokens of KV cache but the pool holds only "
                 f"{self.kv.pool.num_blocks * self.kv.block_size}: lower max_tokens or raise num_kv_blocks"
             )
-        self._order[req.request_id] = next(self._seq)
         self.requests[req.request_id] = req
         req.status = RequestStatus.WAITING
-        self._insort(self.waiting, req)
+        self.policy.register(req)
+        self.policy.push(req, arrival=True)
+
+    def set_priority(self, request_id: str, priority: int) -> bool:
+        """Change a live request's priority; it counts from the next step. False if no such live request."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        self.policy.set_priority(req, priority)
+        return True
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
         """Finish (or abort) requests wherever they are; their blocks are freed at once."""
@@ -99,111 +131,130 @@ class Scheduler:
 
     # ----------------------------------------------------------------- the step decision
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(finished=self._finished_ids)
+        st = _Step(SchedulerOutput(finished=self._finished_ids), self.config.max_num_batched_tokens)
         self._finished_ids = []
-        budget = self.config.max_num_batched_tokens
+        self.last_preempted = {}
+        self.policy.begin_step()
+        key = self.policy.urgency
 
-        if self.policy.preempts_for_waiting:
-            self._preempt_for_urgent_waiting(out, budget)
-        urgent_preemptions = len(out.preempted)
+        # 1. Decodes, most urgent first.
+        for req in sorted((r for r in self.running if not r.is_prefilling), key=key):
+            self._schedule_running(st, req)
 
-        # 1. Running requests: decodes first, then partial prefills, each in policy order.
-        order = sorted(self.running, key=lambda r: (r.is_prefilling, self._key(r)))
+        # 2. Prefill work: running partial prefills and queued requests, merged by urgency.
+        prefills = sorted((r for r in self.running if r.is_prefilling), key=key)
         i = 0
-        while i < len(order) and budget > 0:
-            req = order[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
-                self._schedule_chunk(out, req, n)
-                budget -= n
+        admitting = True
+        while st.budget > 0:
+            while i < len(prefills) and prefills[i].status is not RequestStatus.RUNNING:
+                i += 1  # preempted meanwhile
+            nxt = prefills[i] if i < len(prefills) else None
+            cand = self.policy.peek() if admitting else None
+            if nxt is None and cand is None:
+                break
+            if nxt is not None and (cand is None or key(nxt) < key(cand)):
+                self._schedule_running(st, nxt)
                 i += 1
-                continue
-            # Out of blocks: preempt the least urgent of those not yet scheduled (maybe req itself).
-            victim = max(order[i:], key=self._key)
-            order.remove(victim)
-            self._preempt(victim, out)
+            elif not self._try_admit(st, cand):
+                admitting = False  # the head does not fit: nothing behind it jumps the queue
+        self.kv.end_step()
+        return st.out
 
-        # 2./3. Swapped requests come back, then waiting ones are admitted, unless this step had to
-        # preempt for room (admitting now would only thrash).
-        if len(out.preempted) == urgent_preemptions:
-            self._admit(out, budget)
-        return out
-
-    def _admit(self, out: SchedulerOutput, budget: int) -> None:
-        if self.policy.merge_swapped_and_waiting:
-            candidates = sorted(self.swapped + self.waiting, key=self._key)
-        else:
-            candidates = self.swapped + self.waiting
-        for req in candidates:
-            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
-                return
-            if req.status is RequestStatus.SWAPPED:
-                n = min(req.num_tokens - req.num_computed_tokens, budget)
-                held = len(self.kv.host_blocks.get(req.request_id, ()))
-                extra = cdiv(req.num_computed_tokens + n, self.kv.block_size) - held
-                if not self.kv.can_swap_in(req.request_id, extra):
-                    return
-                out.swap_in.extend(self.kv.swap_in(req.request_id))
-                ok = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n)
-                assert ok, "swap-in capacity was checked"
-                self.swapped.remove(req)
-            else:
-                hits, num_computed = self.kv.get_computed_blocks(req.request_id, req.all_token_ids)
-                n = min(req.num_tokens - num_computed, budget)
-                if not self.kv.allocate_slots(req.request_id, num_computed + n, hits):
-                    return
-                req.num_computed_tokens = num_computed
-                if req.num_cached_tokens < 0:
-                    req.num_cached_tokens = num_computed
-                self.waiting.remove(req)
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            self._schedule_chunk(out, req, n)
-            budget -= n
-
-    def _preempt_for_urgent_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        """Priority policy: a waiting request more urgent than a running one may take its place."""
-        if not self.waiting or not self.running:
+    def _schedule_running(self, st: _Step, req: Request) -> None:
+        """Give a running request its next chunk, preempting the least urgent running request for blocks."""
+        if req.status is not RequestStatus.RUNNING or st.budget <= 0:
             return
-        head = self.waiting[0]
-        head_key = self._key(head)
-        need = cdiv(min(head.num_tokens, budget), self.kv.block_size)
-        while self.running and (
-            self.kv.num_free_blocks < need or len(self.running) >= self.config.max_num_seqs
-        ):
-            victim = max(self.running, key=self._key)
-            if self._key(victim) <= head_key:
+        n = min(req.num_tokens - req.num_computed_tokens, st.budget)
+        while not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
+            victim = max((r for r in self.running if r.request_id not in st.admitted), key=self.policy.urgency)
+            self._preempt(st, victim)
+            if victim is req:
                 return
-            self._preempt(victim, out)
+        self._add_chunk(st, req, n)
 
-    def _schedule_chunk(self, out: SchedulerOutput, req: Request, n: int) -> None:
+    def _try_admit(self, st: _Step, req: Request) -> bool:
+        """Admit the queued request ``req`` (swap it in, or start it after its prefix-cache hit). False: it waits."""
+        key = self.policy.urgency
+        if st.most_urgent_preempted is not None and not key(req) < st.most_urgent_preempted:
+            return False
+        swapped = req.status is RequestStatus.SWAPPED
+        hits, num_computed = ([], req.num_computed_tokens) if swapped else \
+            self.kv.get_computed_blocks(req.request_id, req.all_token_ids)
+        while True:
+            n = min(req.num_tokens - num_computed, st.budget)
+            if len(self.running) < self.config.max_num_seqs and self._fits(req, num_computed + n, hits):
+                break
+            victims = [r for r in self.running if r.request_id not in st.admitted]
+            if not victims:
+                return False
+            victim = max(victims, key=key)
+            if not (key(victim) > key(req) and self.policy.may_preempt(req, victim)):
+                return False
+            self._preempt(st, victim)
+        self.policy.remove(req)
+        if swapped:
+            st.out.swap_in.extend(self.kv.swap_in(req.request_id))
+            ok = self.kv.allocate_slots(req.request_id, num_computed + n)
+        else:
+            ok = self.kv.allocate_slots(req.request_id, num_computed + n, hits)
+            self.kv.record_prefix_lookup(req.num_tokens, num_computed)
+            req.num_computed_tokens = num_computed
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_computed
+        require(ok, f"admitting {req.request_id}: blocks were checked but could not be allocated")
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        st.admitted.add(req.request_id)
+        self._add_chunk(st, req, n)
+        return True
+
+    def _fits(self, req: Request, num_tokens: int, hits: list) -> bool:
+        if req.status is RequestStatus.SWAPPED:
+            held = len(self.kv.host_blocks.get(req.request_id, ()))
+            return self.kv.can_swap_in(req.request_id, cdiv(num_tokens, self.kv.block_size) - held)
+        return self.kv.num_blocks_needed(req.request_id, num_tokens, hits) <= self.kv.pool.num_free_if_touched(hits)
+
+    def _add_chunk(self, st: _Step, req: Request, n: int) -> None:
         start = req.num_computed_tokens
-        out.chunks.append(
-            ScheduledChunk(
-                request_id=req.request_id,
-                token_ids=req.all_token_ids[start:start + n],
-                start_pos=start,
-                block_ids=self.kv.block_ids(req.request_id),
-                sample=start + n == req.num_tokens,
-            )
+        sample = start + n == req.num_tokens
+        chunk = ScheduledChunk(
+            request_id=req.request_id,
+            token_ids=req.all_token_ids[start:start + n],
+            start_pos=start,
+            block_ids=self.kv.block_ids(req.request_id),
+            sample=sample,
         )
+        st.out.chunks.append(chunk)
+        st.budget -= n
+        st.scheduled[req.request_id] = (chunk, self.policy.charge(req, start, n, sample))
         if req.first_scheduled_time is None:
             req.first_scheduled_time = time.monotonic()
 
-    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+    def _preempt(self, st: _Step, req: Request) -> None:
+        """Preempt a running request, first rolling back any work this step gave it."""
+        urgency = self.policy.urgency(req)
+        entry = st.scheduled.pop(req.request_id, None)
+        if entry is not None:
+            chunk, charge = entry
+            st.out.chunks.remove(chunk)
+            st.budget += chunk.num_tokens
+            self.policy.refund(req, charge)
+        self.kv.trim(req.request_id, req.num_computed_tokens)
         self.running.remove(req)
         req.num_preemptions += 1
         self.num_preemptions += 1
-        out.preempted.append(req.request_id)
+        st.out.preempted.append(req.request_id)
+        self.last_preempted[req.request_id] = urgency
+        if st.most_urgent_preempted is None or urgency < st.most_urgent_preempted:
+            st.most_urgent_preempted = urgency
         if self.config.preemption_mode == "swap" and self.kv.can_swap_out(req.request_id):
-            out.swap_out.extend(self.kv.swap_out(req.request_id))
+            st.out.swap_out.extend(self.kv.swap_out(req.request_id))
             req.status = RequestStatus.SWAPPED
-            self._insort(self.swapped, req)
         else:
             self.kv.free(req.request_id, forget_hashes=False)
             req.num_computed_tokens = 0
             req.status = RequestStatus.WAITING
-            self._insort(self.waiting, req)
+        self.policy.push(req)
 
     # ----------------------------------------------------------------- after the step
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
@@ -225,54 +276,59 @@ class Scheduler:
         return touched
 
     def _remove_from_queue(self, req: Request) -> None:
-        queue = {
-            RequestStatus.WAITING: self.waiting,
-            RequestStatus.RUNNING: self.running,
-            RequestStatus.SWAPPED: self.swapped,
-        }[req.status]
-        queue.remove(req)
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.policy.remove(req)
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
         self.kv.free(req.request_id)
         del self.requests[req.request_id]
-        del self._order[req.request_id]
+        self.policy.forget(req)
         self._finished_ids.append(req.request_id)
 
     # ----------------------------------------------------------------- checks
     def check_invariants(self) -> None:
-        """Every live request in exactly one queue with the blocks its state implies; KV pool consistent."""
+        """Every live request in exactly one place with the blocks its state implies; KV pool and queues consistent.
+
+        Raises :class:`tokenyard.invariants.InvariantError`. Pure bookkeeping, linear in requests and blocks:
+        cheap enough to run after every step in tests and whenever the engine goes idle in production.
+        """
         self.kv.check_invariants()
+        self.policy.check()
         bs = self.kv.block_size
         seen: set[str] = set()
-        for queue, status in (
-            (self.waiting, RequestStatus.WAITING),
-            (self.running, RequestStatus.RUNNING),
-            (self.swapped, RequestStatus.SWAPPED),
-        ):
-            for req in queue:
-                rid = req.request_id
-                assert rid not in seen, f"request {rid} in two queues"
-                seen.add(rid)
-                assert req.status is status, f"request {rid} is {req.status} but queued as {status}"
-                dev = len(self.kv.req_blocks.get(rid, ()))
-                host = len(self.kv.host_blocks.get(rid, ()))
-                want = cdiv(req.num_computed_tokens, bs)
-                if status is RequestStatus.WAITING:
-                    assert dev == host == 0 and req.num_computed_tokens == 0, f"waiting {rid} holds KV"
-                elif status is RequestStatus.RUNNING:
-                    assert dev == want and host == 0, f"running {rid}: {dev} blocks, {want} expected"
-                else:
-                    assert host == want and dev == 0, f"swapped {rid}: {host} host blocks, {want} expected"
-        assert seen == set(self.requests), "a live request is in no queue, or a finished one still queued"
+        for req in [*self.running, *self.policy.queued()]:
+            rid = req.request_id
+            require(rid not in seen, f"request {rid} is both running and queued, or queued twice")
+            seen.add(rid)
+            dev = len(self.kv.req_blocks.get(rid, ()))
+            host = len(self.kv.host_blocks.get(rid, ()))
+            want = cdiv(req.num_computed_tokens, bs)
+            if req.status is RequestStatus.WAITING:
+                require(dev == host == 0 and req.num_computed_tokens == 0, f"waiting {rid} holds KV")
+            elif req.status is RequestStatus.RUNNING:
+                require(req in self.running, f"request {rid} is RUNNING but queued")
+                require(dev == want and host == 0, f"running {rid}: {dev} blocks, {want} expected")
+            elif req.status is RequestStatus.SWAPPED:
+                require(host == want and dev == 0, f"swapped {rid}: {host} host blocks, {want} expected")
+            else:
+                raise InvariantError(f"request {rid} is {req.status.value} but still scheduled")
+        for req in self.running:
+            require(req.status is RequestStatus.RUNNING, f"request {req.request_id} in running is {req.status}")
+        require(seen == set(self.requests), "a live request is in no queue, or a finished one still queued")
         owners = set(self.kv.req_blocks) | set(self.kv.host_blocks)
-        assert owners <= seen, f"finished requests still hold blocks: {owners - seen}"
-        assert len(self.running) <= self.config.max_num_seqs
+        require(owners <= seen, f"finished requests still hold blocks: {owners - seen}")
+        require(len(self.running) <= self.config.max_num_seqs, "more running requests than max_num_seqs")
 
     def check_output(self, out: SchedulerOutput) -> None:
-        assert out.num_batched_tokens <= self.config.max_num_batched_tokens, "token budget exceeded"
+        """Check one step's decision: within the token budget, no request twice, every chunk backed by blocks."""
+        require(out.num_batched_tokens <= self.config.max_num_batched_tokens, "token budget exceeded")
         ids = [c.request_id for c in out.chunks]
-        assert len(ids) == len(set(ids)), "a request scheduled twice in one step"
+        require(len(ids) == len(set(ids)), "a request scheduled twice in one step")
         for c in out.chunks:
-            assert c.num_tokens >= 1
-            assert len(c.block_ids) * self.kv.block_size >= c.start_pos + c.num_tokens, "chunk lacks blocks"
+            require(c.num_tokens >= 1, f"empty chunk for {c.request_id}")
+            require(len(c.block_ids) * self.kv.block_size >= c.start_pos + c.num_tokens,
+                    f"chunk of {c.request_id} lacks blocks")
+            require(c.request_id not in out.preempted, f"{c.request_id} both scheduled and preempted")

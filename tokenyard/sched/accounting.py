@@ -1,0 +1,81 @@
+"""Per-tenant service accounting (VTC's cost model). Pure Python, no torch.
+
+Service is ``w_p`` per prompt token and ``w_q`` per output token. A tenant's *virtual counter* is its
+service divided by its weight, plus whatever VTC's lift added; every policy keeps the ledger (so
+``/metrics`` shows per-tenant service under ``fcfs`` too), only ``vtc`` orders requests by it.
+
+When is a request charged? Its whole prompt at its first admission (as in the VTC paper, so a tenant's
+counter reflects work it has been given, not only work already done), and ``w_q`` for each chunk that will
+sample an output token. A request recomputed after a preemption is not charged again for its prompt, and its
+old output tokens are never re-sampled, so nothing is charged twice. Charges made while scheduling a step
+are refunded if that step's work for the request is rolled back (it was picked as a preemption victim).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from tokenyard.sched.request import Request
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What one scheduled chunk cost its tenant, enough to undo it exactly."""
+
+    tenant: str
+    cost: float
+    prompt_before: int  # the request's charged prompt tokens before this charge
+
+
+class ServiceLedger:
+    def __init__(self, w_p: float = 1.0, w_q: float = 2.0, tenant_weights: Mapping[str, float] | None = None) -> None:
+        if not (w_p >= 0 and w_q >= 0 and w_p + w_q > 0):
+            raise ValueError(f"vtc_w_p and vtc_w_q must be >= 0 and not both 0, got {w_p} and {w_q}")
+        weights = dict(tenant_weights or {})
+        for name, w in weights.items():
+            if not (isinstance(w, (int, float)) and w > 0):
+                raise ValueError(f"tenant weight of {name!r} must be a positive number, got {w!r}")
+        self.w_p = float(w_p)
+        self.w_q = float(w_q)
+        self.tenant_weights = weights
+        self.service: dict[str, float] = {}   # weighted tokens served, w_p * prompt + w_q * output
+        self.counter: dict[str, float] = {}   # virtual counter: service / weight, plus lifts
+        self._prompt_charged: dict[str, int] = {}
+
+    def weight(self, tenant: str) -> float:
+        return self.tenant_weights.get(tenant, 1.0)
+
+    def ensure(self, tenant: str) -> None:
+        if tenant not in self.counter:
+            self.counter[tenant] = 0.0
+            self.service[tenant] = 0.0
+
+    def charge(self, req: Request, start: int, num_tokens: int, sample: bool) -> Charge | None:
+        """Charge the tenant for a chunk scheduled this step; returns what to pass to :meth:`refund`."""
+        before = self._prompt_charged.get(req.request_id, 0)
+        new_prompt = max(req.num_prompt_tokens - before, 0)
+        cost = self.w_p * new_prompt + (self.w_q if sample else 0.0)
+        if cost == 0.0 and new_prompt == 0:
+            return None
+        self.ensure(req.tenant)
+        self._prompt_charged[req.request_id] = before + new_prompt
+        self.service[req.tenant] += cost
+        self.counter[req.tenant] += cost / self.weight(req.tenant)
+        return Charge(req.tenant, cost, before)
+
+    def refund(self, req: Request, charge: Charge | None) -> None:
+        if charge is None:
+            return
+        self._prompt_charged[req.request_id] = charge.prompt_before
+        self.service[charge.tenant] -= charge.cost
+        self.counter[charge.tenant] -= charge.cost / self.weight(charge.tenant)
+
+    def lift(self, tenant: str, floor: float) -> None:
+        """VTC: raise an idle tenant's counter so it earns no credit for having been idle."""
+        self.ensure(tenant)
+        if self.counter[tenant] < floor:
+            self.counter[tenant] = floor
+
+    def forget(self, req: Request) -> None:
+        self._prompt_charged.pop(req.request_id, None)
