@@ -60,9 +60,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     engine = LLMEngine(engine_config(args))
-    async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)
+    failed: list[BaseException] = []
+
+    def engine_failed(e: BaseException) -> None:  # from the engine's loop thread
+        failed.append(e)
+        server.should_exit = True
+
+    async_engine = AsyncEngine(engine, max_waiting=args.max_waiting, on_failure=engine_failed)
     settings = ServerSettings(api_key=args.api_key or os.environ.get("TOKENYARD_API_KEY"),
-                              max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout)
+                              max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
+                              metrics_max_tenants=args.metrics_max_tenants)
     app = create_app(async_engine, settings)
 
     class Server(uvicorn.Server):
@@ -80,7 +87,11 @@ def _serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=int(args.shutdown_timeout) or None, access_log=args.access_log)
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    Server(config).run()
+    server = Server(config)
+    server.run()
+    if failed:  # the engine loop died: exit non-zero rather than answer 503 forever
+        print(f"tokenyard: the engine loop failed ({failed[0]!r}); exiting", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
@@ -126,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
+    serve.add_argument("--metrics-max-tenants", type=int, default=20,
+                       help="tenants with their own label in /metrics; the others are summed as 'other'")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
     add_engine_args(serve)

@@ -106,11 +106,14 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_waiting: int = 256) -> None:
+    def __init__(self, engine: LLMEngine, max_waiting: int = 256,
+                 on_failure: Callable[[BaseException], None] | None = None) -> None:
+        """``on_failure`` is called (from the loop thread) if the engine loop dies; the server exits on it."""
         if max_waiting < 1:
             raise ValueError(f"max_waiting must be >= 1, got {max_waiting}")
         self.engine = engine
         self.max_waiting = max_waiting
+        self.on_failure = on_failure
         # Immutable facts, safe to read from any thread.
         self.model_name: str = engine.model_name
         self.max_model_len: int = engine.max_model_len
@@ -128,6 +131,7 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._id_prefix = uuid.uuid4().hex[:8]
         self._stats: dict[str, float] = dict(engine.stats())
+        self._tenant_stats: dict[str, tuple[float, float]] = engine.tenant_stats()
         self._thread = threading.Thread(target=self._run, name="tokenyard-engine", daemon=True)
 
     # ------------------------------------------------------------------ lifecycle
@@ -218,6 +222,26 @@ class AsyncEngine:
         finally:
             stream.abort()
 
+    async def set_priority(self, request_ids: list[str], priority: int) -> int:
+        """Change the priority of live requests from the next step; returns how many were live."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        settle = _resolver(loop, fut)
+
+        def apply() -> None:
+            try:
+                n = sum(self.engine.set_priority(rid, priority) for rid in request_ids if rid in self._streams)
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                settle(e)
+                return
+            settle(None, n)
+
+        with self._cv:
+            self._check_accepting()
+            self._commands.append(apply)
+            self._cv.notify()
+        return await fut
+
     def abort(self, request_ids: str | list[str]) -> None:
         """Abort requests from any thread; the loop thread frees their blocks before its next step."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
@@ -233,6 +257,10 @@ class AsyncEngine:
             s["num_pending"] = self._num_waiting
             s["num_inflight"] = self._num_inflight
         return s
+
+    def tenant_stats(self) -> dict[str, tuple[float, float]]:
+        """Per tenant (service, virtual counter) as of the end of the latest step (a snapshot)."""
+        return self._tenant_stats
 
     @property
     def num_inflight(self) -> int:
@@ -265,7 +293,11 @@ class AsyncEngine:
                     break
                 if engine.has_unfinished_requests():
                     self._dispatch(engine.step())
+                    if not engine.has_unfinished_requests():
+                        # Gone idle: a leaked or double-owned block would show now (cheap: linear in blocks).
+                        engine.scheduler.check_invariants()
                 self._stats = engine.stats()
+                self._tenant_stats = engine.tenant_stats()
         except BaseException as e:  # noqa: BLE001 - the loop must report any failure to every waiter
             log.exception("engine loop failed")
             self._dead = e
@@ -278,6 +310,8 @@ class AsyncEngine:
                     pass
             for rid in list(self._streams):
                 self._close(rid, EngineUnavailableError(f"the engine loop died: {e!r}"))
+            if self.on_failure is not None:
+                self.on_failure(e)
 
     def _do_add(self, adds: list[_Add]) -> None:
         for a in adds:
@@ -345,15 +379,15 @@ class AsyncEngine:
             s.push(error)
 
 
-def _resolver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future) -> Callable[[BaseException | None], None]:
-    """A callback the loop thread calls to settle ``fut`` on its own event loop."""
+def _resolver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future) -> Callable[..., None]:
+    """A callback the loop thread calls to settle ``fut`` on its own event loop: ``settle(err, result=None)``."""
 
-    def settle(err: BaseException | None) -> None:
+    def settle(err: BaseException | None, result: object = None) -> None:
         def apply() -> None:
             if fut.done():
                 return
             if err is None:
-                fut.set_result(None)
+                fut.set_result(result)
             else:
                 fut.set_exception(err)
 

@@ -127,6 +127,8 @@ class LLMEngine:
             raise InvalidParameterError("sampling_params", "sampling_params must be a SamplingParams")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidParameterError("priority", f"priority must be an integer, got {priority!r}")
+        if not isinstance(tenant, str) or not tenant:
+            raise InvalidParameterError("tenant", f"tenant must be a non-empty string, got {tenant!r}")
         ids = self.tokenize_prompt(prompt)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._tracked:
@@ -174,6 +176,14 @@ class LLMEngine:
                 t.out.new_text, t.out.new_token_ids = "", []
                 outs.append(t.out)
         return outs
+
+    def set_priority(self, request_id: str, priority: int) -> bool:
+        """Change a live request's priority (lower is more urgent); it counts from the next step.
+
+        Returns False when no such request is live (unknown, finished or aborted)."""
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise InvalidParameterError("priority", f"priority must be an integer, got {priority!r}")
+        return self.scheduler.set_priority(request_id, priority)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -286,3 +296,9 @@ class LLMEngine:
             "prompt_tokens": self.num_prompt_tokens,
             "generated_tokens": self.num_generated_tokens,
         }
+
+    def tenant_stats(self) -> dict[str, tuple[float, float]]:
+        """Per tenant: (service, virtual counter). Service is w_p per prompt token + w_q per output token,
+        counted for every policy; the counter is service / weight plus VTC's lifts."""
+        ledger = self.scheduler.ledger
+        return {t: (ledger.service[t], ledger.counter[t]) for t in ledger.service}

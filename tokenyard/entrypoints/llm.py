@@ -23,21 +23,26 @@ class LLM:
         prompts: str | Sequence[str] | Sequence[list[int]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
-        priority: Sequence[int] | None = None,
+        priority: int | Sequence[int] | None = None,
+        tenant: str | Sequence[str] | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in the order of ``prompts``."""
+        """Run every prompt to completion; outputs come back in the order of ``prompts``.
+
+        ``priority`` (lower is more urgent) and ``tenant`` (whose fair share the request counts against)
+        are one value for all prompts or one per prompt."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # one prompt, as text or as token ids
         prompts = list(prompts)
         params = self._expand(sampling_params, len(prompts), "sampling_params")
         prios = self._expand(priority, len(prompts), "priority", default=0)
+        tenants = self._expand(tenant, len(prompts), "tenant", default="default")
         # Validate everything before queueing anything, so a bad prompt leaves the engine untouched.
         for p in prompts:
             self.engine.tokenize_prompt(p)
         ids: list[str] = []
         try:
-            for p, sp, pr in zip(prompts, params, prios):
-                ids.append(self.engine.add_request(p, sp, priority=pr))
+            for p, sp, pr, t in zip(prompts, params, prios, tenants):
+                ids.append(self.engine.add_request(p, sp, priority=pr, tenant=t))
         except Exception:
             self.engine.abort_request(ids)
             raise
@@ -47,11 +52,19 @@ class LLM:
         self,
         messages: list[dict] | Sequence[list[dict]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        priority: int | Sequence[int] | None = None,
+        tenant: str | Sequence[str] | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation and generate the assistant's reply."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [self.tokenizer.apply_chat_template(_check_messages(c)) for c in convs]
-        return self.generate(prompts, sampling_params)
+        return self.generate(prompts, sampling_params, priority=priority, tenant=tenant)
+
+    def set_priority(self, request_id: str, priority: int) -> bool:
+        """Change a queued or running request's priority from the next step (for step-by-step use through
+        ``self.engine``: ``generate`` runs its requests to completion before returning)."""
+        return self.engine.set_priority(request_id, priority)
 
     def _run(self, ids: list[str]) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

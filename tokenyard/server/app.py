@@ -17,7 +17,7 @@ from tokenyard.engine.async_engine import AsyncEngine
 from tokenyard.server.errors import APIError, install_error_handlers
 from tokenyard.server.metrics import ServerMetrics
 from tokenyard.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
-from tokenyard.server.protocol import ChatCompletionRequest, CompletionRequest
+from tokenyard.server.protocol import ChatCompletionRequest, CompletionRequest, PriorityUpdate
 from tokenyard.server.serving import OpenAIServing
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ class ServerSettings:
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     shutdown_timeout: float = 30.0     # seconds in-flight requests get to finish on shutdown
+    metrics_max_tenants: int = 20      # tenants with their own /metrics label; the rest are summed as "other"
 
 
 def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> FastAPI:
@@ -42,7 +43,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
         await engine.shutdown(settings.shutdown_timeout)
 
     app = FastAPI(title="tokenyard", version=__version__, lifespan=lifespan)
-    metrics = ServerMetrics(engine.stats)
+    metrics = ServerMetrics(engine.stats, engine.tenant_stats, settings.metrics_max_tenants)
     serving = OpenAIServing(engine, metrics)
     created = int(time.time())
     install_error_handlers(app)
@@ -82,6 +83,11 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Response:
         return await serving.completions(body, raw)
+
+    @app.post("/v1/requests/{request_id}/priority")
+    async def set_priority(request_id: str, body: PriorityUpdate) -> dict:
+        """Change the priority of a request in flight (the id of its response or stream); from the next step."""
+        return await serving.set_priority(request_id, body.priority)
 
     app.state.engine = engine
     app.state.metrics = metrics

@@ -47,8 +47,47 @@ class _EngineCollector(Collector):
             yield CounterMetricFamily(name, doc, value=s.get(key, 0))
 
 
+class _TenantCollector(Collector):
+    """Per-tenant VTC service and virtual counter, with a bounded number of tenant labels.
+
+    Label slots are handed out at scrape time to the tenants with the most service and never taken back;
+    once they are all given, every other tenant's service is summed under ``tenant="other"``. So each series
+    only ever grows (a top-N recomputed per scrape would move service between series and break counters).
+    """
+
+    def __init__(self, tenant_stats: Callable[[], dict[str, tuple[float, float]]], max_tenants: int) -> None:
+        self.tenant_stats = tenant_stats
+        self.max_tenants = max_tenants
+        self.labelled: set[str] = set()
+
+    def collect(self) -> Iterator:
+        stats = self.tenant_stats()
+        free = self.max_tenants - len(self.labelled)
+        if free > 0:
+            new = sorted((t for t in stats if t not in self.labelled), key=lambda t: -stats[t][0])
+            self.labelled.update(new[:free])
+        service = CounterMetricFamily("tokenyard_tenant_service", "VTC service given to a tenant: w_p per prompt "
+                                      "token + w_q per output token (other: all unlabelled tenants).",
+                                      labels=["tenant"])
+        counter = GaugeMetricFamily("tokenyard_tenant_virtual_counter", "A tenant's VTC virtual counter: service "
+                                    "divided by its weight, plus lifts.", labels=["tenant"])
+        other = 0.0
+        for tenant, (svc, ctr) in stats.items():
+            if tenant in self.labelled:
+                service.add_metric([tenant], svc)
+                counter.add_metric([tenant], ctr)
+            else:
+                other += svc
+        if len(stats) > len(self.labelled & stats.keys()):
+            service.add_metric(["other"], other)
+        yield service
+        yield counter
+
+
 class ServerMetrics:
-    def __init__(self, stats: Callable[[], dict[str, float]]) -> None:
+    def __init__(self, stats: Callable[[], dict[str, float]],
+                 tenant_stats: Callable[[], dict[str, tuple[float, float]]] | None = None,
+                 max_tenants: int = 20) -> None:
         self.registry = CollectorRegistry()
         self.ttft = Histogram("tokenyard_time_to_first_token_seconds", "Time from request arrival to first token.",
                               buckets=_LATENCY_BUCKETS, registry=self.registry)
@@ -59,6 +98,8 @@ class ServerMetrics:
         self.requests = Counter("tokenyard_requests", "Finished engine requests (one per choice).",
                                 ["tenant", "finish_reason"], registry=self.registry)
         self.registry.register(_EngineCollector(stats))
+        if tenant_stats is not None:
+            self.registry.register(_TenantCollector(tenant_stats, max_tenants))
 
     def tracker(self, tenant: str, arrival: float) -> RequestTracker:
         return RequestTracker(self, tenant[:64], arrival)

@@ -145,3 +145,11 @@ class CompletionRequest(_SamplingFields):
         if isinstance(p[0], int):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
+
+
+class PriorityUpdate(BaseModel):
+    """Body of ``POST /v1/requests/{id}/priority`` (a tokenyard extension)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    priority: int = Field(..., ge=-(2**31), lt=2**31, strict=True)   # lower is more urgent

@@ -64,12 +64,15 @@ class _Job:
     streams: list[RequestStream]
     num_logprobs: int | None
     include_usage: bool
+    registry: dict[str, _Job] | None = None   # the server's jobs in flight, which this one leaves on close
 
     def usage(self) -> dict:
         cached = sum(self.choices[p * self.n].num_cached_tokens for p in range(len(self.prompt_lens)))
         return usage(sum(self.prompt_lens), sum(c.num_tokens for c in self.choices), cached)
 
     def close(self) -> None:
+        if self.registry is not None:
+            self.registry.pop(self.id, None)
         for s in self.streams:
             s.abort()
         for c in self.choices:
@@ -93,6 +96,18 @@ class OpenAIServing:
         self.metrics = metrics
         self.tokenizer = engine.tokenizer
         self.text_of = TokenStrings(engine.tokenizer)
+        self.jobs: dict[str, _Job] = {}   # API calls in flight by the id their client sees
+
+    async def set_priority(self, job_id: str, priority: int) -> dict:
+        """Re-prioritize every choice of an API call in flight; 404 when it is unknown or already done."""
+        job = self.jobs.get(job_id)
+        updated = 0
+        if job is not None:
+            updated = await self.engine.set_priority([s.request_id for s in job.streams], priority)
+        if not updated:
+            raise APIError(404, f"No request `{job_id}` is in flight (unknown, or already finished).",
+                           param="id", code="request_not_found")
+        return {"id": job_id, "object": "request.priority", "priority": priority, "updated": updated}
 
     # ------------------------------------------------------------------ endpoints
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
@@ -172,8 +187,10 @@ class OpenAIServing:
         )
         choices = [_Choice(self.metrics.tracker(req.tenant, arrival)) for _ in items]
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _Job(kind, job_id, int(time.time()), self.engine.model_name, [len(p) for p in prompts], req.n,
-                    choices, streams, num_logprobs, include_usage)
+        job = _Job(kind, job_id, int(time.time()), self.engine.model_name, [len(p) for p in prompts], req.n,
+                   choices, streams, num_logprobs, include_usage, self.jobs)
+        self.jobs[job_id] = job
+        return job
 
     async def _unless_disconnected(self, raw: Request, work: Awaitable[dict]) -> Response:
         """Run a non-streaming job, but abort it (and free its KV) if the client hangs up meanwhile."""
