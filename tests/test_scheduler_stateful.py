@@ -1,0 +1,214 @@
+"""The scheduler as a hypothesis state machine: random adds, aborts, priority changes and steps, under every
+policy and both preemption modes. After every step, besides ``check_invariants()``:
+
+(a) no inversion: no request preempted in the step is more urgent, by the policy, than one that kept its blocks;
+(b) KV content: a shadow copy of every device and host block's tokens, written as the runner would (swap-outs,
+    then swap-ins, then the chunks), shows that whatever a chunk attends to (prefix-cache hits, swapped-in
+    blocks, earlier chunks) holds exactly the tokens the request had there;
+(c) VTC's bound: two tenants backlogged over an interval differ in (weight-normalised) service by at most
+    ``2 * max(w_p * L_input, w_q * M)``, checked under ``vtc``.
+"""
+
+from __future__ import annotations
+
+import random
+from itertools import combinations
+
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
+
+from tokenyard.kv.manager import KVCacheManager
+from tokenyard.sched.request import Request
+from tokenyard.sched.scheduler import Scheduler, SchedulerConfig
+
+TENANTS = ("t0", "t1", "t2")
+MAX_PROMPT = 40
+
+
+class FairnessTracker:
+    """VTC's guarantee as a check: over every interval in which tenants f and g both have queued requests at
+    every step boundary, |ΔS_f − ΔS_g| ≤ bound, with S a tenant's service divided by its weight."""
+
+    def __init__(self, bound: float) -> None:
+        self.bound = bound
+        self.spans: dict[tuple[str, str], tuple[float, float]] = {}   # pair -> (min, max) of S_f - S_g
+        self.worst = 0.0
+
+    def observe(self, sched: Scheduler) -> None:
+        ledger = sched.ledger
+        backlogged = {r.tenant for r in sched.policy.queued()}
+        norm = {t: ledger.service.get(t, 0.0) / ledger.weight(t) for t in backlogged}
+        for f, g in combinations(sorted(ledger.service), 2):
+            if f not in backlogged or g not in backlogged:
+                self.spans.pop((f, g), None)
+                continue
+            d = norm[f] - norm[g]
+            lo, hi = self.spans.get((f, g), (d, d))
+            lo, hi = min(lo, d), max(hi, d)
+            self.spans[(f, g)] = (lo, hi)
+            self.worst = max(self.worst, hi - lo)
+            assert hi - lo <= self.bound + 1e-6, (
+                f"tenants {f} and {g}, both backlogged, differ in service by {hi - lo} > bound {self.bound}"
+            )
+
+
+@st.composite
+def configs(draw):
+    block_size = draw(st.sampled_from([1, 2, 4, 8]))
+    num_blocks = draw(st.integers(4, 20))
+    return dict(
+        block_size=block_size, num_blocks=num_blocks,
+        budget=draw(st.integers(1, 64)),
+        max_num_seqs=draw(st.integers(1, 8)),
+        policy=draw(st.sampled_from(["fcfs", "priority", "vtc", "vtc+priority"])),
+        mode=draw(st.sampled_from(["recompute", "swap"])),
+        host_blocks=draw(st.integers(0, 64)),
+        caching=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    @initialize(cfg=configs())
+    def setup(self, cfg):
+        self.cfg = cfg
+        self.bs = cfg["block_size"]
+        self.kv = KVCacheManager(cfg["num_blocks"], self.bs, cfg["host_blocks"], cfg["caching"])
+        self.sched = Scheduler(
+            SchedulerConfig(max_num_batched_tokens=cfg["budget"], max_num_seqs=cfg["max_num_seqs"],
+                            scheduling_policy=cfg["policy"], preemption_mode=cfg["mode"]),
+            self.kv,
+        )
+        self.rng = random.Random(cfg["seed"])
+        self.shared = [self.rng.randrange(3, 30) for _ in range(MAX_PROMPT)]
+        self.device: dict[int, list[int | None]] = {}
+        self.host: dict[int, list[int | None]] = {}
+        self.clock = 0
+        self.next_id = 0
+        self.capacity = cfg["num_blocks"] * self.bs
+        ledger = self.sched.ledger
+        self.fairness = FairnessTracker(2 * max(ledger.w_p * MAX_PROMPT, ledger.w_q * self.capacity))
+
+    # ----------------------------------------------------------------- rules
+    @rule(reqs=st.lists(st.tuples(st.integers(1, MAX_PROMPT), st.integers(1, 16), st.integers(0, 3),
+                                  st.sampled_from(TENANTS), st.booleans()), min_size=1, max_size=4))
+    def add(self, reqs):
+        for plen, max_tokens, priority, tenant, shared in reqs:
+            plen = min(plen, self.capacity - 1)
+            max_tokens = min(max_tokens, self.capacity - plen)
+            base = self.shared if shared else [self.rng.randrange(3, 30) for _ in range(MAX_PROMPT)]
+            rid = f"r{self.next_id}"
+            self.next_id += 1
+            self.sched.add_request(Request(rid, base[:plen], max_tokens, priority=priority, tenant=tenant,
+                                           arrival_time=float(self.clock)))
+
+    def _pick(self, index: int) -> str | None:
+        live = sorted(self.sched.requests)
+        return live[index % len(live)] if live else None
+
+    @rule(index=st.integers(0, 1000))
+    def abort(self, index):
+        rid = self._pick(index)
+        if rid is not None:
+            self.sched.abort_requests([rid])
+
+    @rule(index=st.integers(0, 1000), priority=st.integers(0, 3))
+    def set_priority(self, index, priority):
+        rid = self._pick(index)
+        if rid is not None:
+            assert self.sched.set_priority(rid, priority)
+
+    @rule(n=st.integers(1, 6))
+    def step(self, n):
+        for _ in range(n):
+            self._one_step()
+
+    def teardown(self):
+        if not hasattr(self, "sched"):
+            return
+        for _ in range(5000):
+            if not self.sched.has_unfinished_requests():
+                break
+            self._one_step()
+        assert not self.sched.has_unfinished_requests(), "the scheduler made no progress"
+        self.sched.check_invariants()
+        assert self.kv.num_used_blocks == 0
+        assert self.kv.host_pool.num_free_blocks == self.cfg["host_blocks"]
+        event(f"policy {self.cfg['policy']}, preempted: {self.sched.num_preemptions > 0}")
+
+    # ----------------------------------------------------------------- one step, checked
+    def _one_step(self):
+        sched = self.sched
+        out = sched.schedule()
+        sched.check_output(out)
+        self._check_no_inversion()
+        self._run_on_shadow(out)
+        sampled = {c.request_id: self.rng.randrange(3, 30) for c in out.chunks if c.sample}
+        sched.update_from_output(out, sampled)
+        sched.check_invariants()
+        if self.cfg["policy"] == "vtc":
+            self.fairness.observe(sched)
+        self.clock += 1
+        if out.swap_in:
+            event("swapped in")
+
+    def _check_no_inversion(self):
+        sched = self.sched
+        if not sched.last_preempted:
+            return
+        event("preempted in a step")
+        key = sched.policy.urgency
+        for rid, preempted_key in sched.last_preempted.items():
+            for kept in sched.running:
+                assert not preempted_key < key(kept), (
+                    f"{rid} (urgency {preempted_key}) was preempted while less urgent {kept.request_id} "
+                    f"({key(kept)}) kept its blocks"
+                )
+
+    def _run_on_shadow(self, out):
+        """Execute the step on token-valued shadow blocks, in the runner's order, and check what chunks read."""
+        bs = self.bs
+        for dev, host in out.swap_out:
+            self.host[host] = list(self.device.get(dev, [None] * bs))
+        for host, dev in out.swap_in:
+            self.device[dev] = list(self.host.get(host, [None] * bs))
+        for chunk in out.chunks:
+            req = self.sched.requests[chunk.request_id]
+            for pos in range(chunk.start_pos):   # the KV this chunk attends to
+                block = chunk.block_ids[pos // bs]
+                have = self.device.get(block, [None] * bs)[pos % bs]
+                assert have == req.all_token_ids[pos], (
+                    f"{req.request_id}: position {pos} in block {block} holds {have}, "
+                    f"expected {req.all_token_ids[pos]}"
+                )
+            for i, tok in enumerate(chunk.token_ids):
+                pos = chunk.start_pos + i
+                self.device.setdefault(chunk.block_ids[pos // bs], [None] * bs)[pos % bs] = tok
+
+
+TestSchedulerMachine = SchedulerMachine.TestCase
+TestSchedulerMachine.settings = settings(
+    max_examples=200, stateful_step_count=50, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
+def test_fairness_check_catches_an_unfair_policy():
+    """The bound check can fail: under fcfs, a heavy tenant's early backlog starves a light one."""
+    kv = KVCacheManager(16, 4, 0, enable_prefix_caching=False)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=2, scheduling_policy="fcfs"), kv)
+    tracker = FairnessTracker(2 * max(1.0 * 12, 2.0 * 16 * 4))
+    for i in range(30):
+        sched.add_request(Request(f"h{i}", [5] * 12, 16, tenant="heavy", arrival_time=float(i)))
+    sched.add_request(Request("l0", [6] * 12, 16, tenant="light", arrival_time=100.0))
+    sched.add_request(Request("l1", [6] * 12, 16, tenant="light", arrival_time=101.0))
+    try:
+        while sched.has_unfinished_requests():
+            out = sched.schedule()
+            sched.update_from_output(out, {c.request_id: 9 for c in out.chunks if c.sample})
+            tracker.observe(sched)
+    except AssertionError as e:
+        assert "bound" in str(e)
+    else:
+        raise AssertionError(f"fcfs stayed within the bound (worst {tracker.worst})")
