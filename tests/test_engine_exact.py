@@ -73,19 +73,26 @@ def test_forced_preemption(tiny_model_dir, mode):
         assert llm.engine.kv.host_pool.num_free_blocks == 200
 
 
-def test_priority_preemption_keeps_outputs_exact(tiny_model_dir):
-    llm = _llm(tiny_model_dir, num_kv_blocks=24, scheduling_policy="priority", preemption_mode="swap",
-               num_host_blocks=100)
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+@pytest.mark.parametrize("policy", ["fcfs", "priority", "vtc", "vtc+priority"])
+def test_every_policy_with_forced_preemption_keeps_outputs_exact(tiny_model_dir, policy, mode):
+    """Mixed priorities and tenants on a pool too small for all of them, priorities changed mid-run."""
+    llm = _llm(tiny_model_dir, num_kv_blocks=24, scheduling_policy=policy, preemption_mode=mode,
+               num_host_blocks=100, max_num_batched_tokens=24, tenant_weights="t0=2")
     engine = llm.engine
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     low = _prompts(4, 20, 30, seed=5)
     high = _prompts(2, 20, 30, seed=6)
-    ids = {engine.add_request(p, params, priority=5): p for p in low}
+    ids = {engine.add_request(p, params, priority=5, tenant=f"t{i % 2}"): p for i, p in enumerate(low)}
     for _ in range(3):
         engine.step()
-    ids.update({engine.add_request(p, params, priority=0): p for p in high})
+    ids.update({engine.add_request(p, params, priority=0, tenant="t2"): p for p in high})
     done = {}
+    steps = 0
     while engine.has_unfinished_requests():
+        steps += 1
+        if steps == 6:
+            assert engine.set_priority(next(iter(ids)), 0)   # the oldest low request becomes urgent
         for o in engine.step():
             if o.finished:
                 done[o.request_id] = o
@@ -93,6 +100,9 @@ def test_priority_preemption_keeps_outputs_exact(tiny_model_dir):
     for rid, prompt in ids.items():
         assert done[rid].token_ids == hf_greedy(tiny_model_dir, prompt, 16)
     assert engine.kv.num_used_blocks == 0
+    assert not engine.set_priority(next(iter(ids)), 1)       # finished: nothing to change
+    service = engine.tenant_stats()
+    assert set(service) >= {"t0", "t1", "t2"} and all(svc > 0 for svc, _ in service.values())
 
 
 def test_abort_mid_batch(tiny_model_dir):

@@ -330,6 +330,40 @@ def test_async_engine_close_and_shutdown_abort(tiny_llama_dir):
     asyncio.run(asyncio.wait_for(scenario(), 60))
 
 
+def test_idle_invariant_violation_kills_the_loop_and_reports_it(tiny_llama_dir):
+    """The loop checks the scheduler's integrity whenever it goes idle; a violation ends the loop, and
+    ``on_failure`` (the server's exit) hears of it instead of the server answering 503 forever."""
+    import asyncio
+
+    from tokenyard.engine.async_engine import AsyncEngine, EngineUnavailableError
+    from tokenyard.engine.llm_engine import LLMEngine
+    from tokenyard.invariants import InvariantError
+    from tokenyard.sampling_params import SamplingParams
+
+    failures: list[BaseException] = []
+
+    async def scenario() -> None:
+        llm_engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, block_size=4))
+        engine = AsyncEngine(llm_engine, on_failure=failures.append)
+        engine.start()
+        outs = [o async for o in engine.generate("w5 w6", SamplingParams(max_tokens=3, temperature=0))]
+        assert outs[-1].finish_reason == "length" and engine.is_running    # a clean idle check passed
+        assert await engine.set_priority(["no-such-request"], 1) == 0
+        llm_engine.kv.pool.blocks[0].ref_cnt = 1                           # a leaked block
+        outs = [o async for o in engine.generate("w7", SamplingParams(max_tokens=2, temperature=0))]
+        assert outs[-1].finished
+        for _ in range(100):
+            if failures:
+                break
+            await asyncio.sleep(0.05)
+        assert failures and isinstance(failures[0], InvariantError)
+        assert not engine.is_running
+        with pytest.raises(EngineUnavailableError):
+            await engine.add_request("w5", SamplingParams(max_tokens=2))
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
 # --------------------------------------------------------------------------- CLI
 def test_engine_flags_map_onto_engine_config():
     args = build_parser().parse_args(["serve", "--max-num-batched-tokens", "64", "--no-enable-prefix-caching",
@@ -430,3 +464,72 @@ def test_engine_error_reaches_the_client_as_500(tiny_llama_dir, sampling_fails_f
                 assert engine.stats()["kv_blocks_used"] == 0
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+# --------------------------------------------------------------------------- runtime priorities, tenants
+@pytest.fixture(scope="module")
+def one_seat(tiny_llama_dir, tmp_path_factory):
+    """One running request at a time under the priority policy: whoever is queued waits its turn."""
+    server = Server(["--model", str(tiny_llama_dir), "--max-num-seqs", "1", "--scheduling-policy", "priority",
+                     "--check-invariants", "--metrics-max-tenants", "2"],
+                    tmp_path_factory.mktemp("logs") / "one_seat.log")
+    yield server
+    assert server.stop() == 0, server.log.read_text()
+
+
+def _stream_lines(url: str, body: dict, lines: list, started: concurrent.futures.Future) -> float:
+    """Stream a chat completion, keep its SSE data lines, announce its X-Request-Id; return when it ended."""
+    with httpx.stream("POST", f"{url}{CHAT}", json={**body, "stream": True}, timeout=60) as r:
+        started.set_result(r.headers["x-request-id"])
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                lines.append(line[6:])
+    return time.monotonic()
+
+
+def test_priority_raised_at_runtime_overtakes_a_running_request(one_seat):
+    long_body = {"messages": MSG, "max_tokens": 200, "ignore_eos": True, "priority": 5, "user": "alice"}
+    short_body = {"messages": MSG, "max_tokens": 4, "ignore_eos": True, "priority": 9, "user": "bob"}
+    long_lines: list = []
+    short_lines: list = []
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        long_started: concurrent.futures.Future = concurrent.futures.Future()
+        long_done = pool.submit(_stream_lines, one_seat.url, long_body, long_lines, long_started)
+        long_started.result(timeout=30)
+        deadline = time.monotonic() + 30
+        while len(long_lines) < 3:       # the long request is running (it holds the only seat)
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        short_started: concurrent.futures.Future = concurrent.futures.Future()
+        short_done = pool.submit(_stream_lines, one_seat.url, short_body, short_lines, short_started)
+        short_id = short_started.result(timeout=30)
+        assert short_id.startswith("chatcmpl-")
+        r = httpx.post(f"{one_seat.url}/v1/requests/{short_id}/priority", json={"priority": 0})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"id": short_id, "object": "request.priority", "priority": 0, "updated": 1}
+        short_end, long_end = short_done.result(timeout=60), long_done.result(timeout=60)
+    assert short_end < long_end, "the request made urgent did not overtake the running one"
+    assert short_lines[-1] == "[DONE]" and long_lines[-1] == "[DONE]"
+    long_tokens = sum(bool(json.loads(x)["choices"] and json.loads(x)["choices"][0]["delta"].get("content"))
+                      for x in long_lines[:-1])
+    assert long_tokens >= 100, "the preempted request must still complete"
+    # Finished or unknown ids: 404 in OpenAI's error shape; a bad body: 400.
+    for rid in (short_id, "chatcmpl-nope"):
+        r = httpx.post(f"{one_seat.url}/v1/requests/{rid}/priority", json={"priority": 1})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "request_not_found"
+    for bad in ({"priority": "high"}, {"priority": 1.5}, {}, {"priority": 1, "extra": 2}):
+        r = httpx.post(f"{one_seat.url}/v1/requests/{short_id}/priority", json=bad)
+        assert r.status_code == 400 and "error" in r.json(), (bad, r.text)
+    m = one_seat.metrics()
+    assert m["tokenyard_preemptions_total"] >= 1
+    assert m['tokenyard_tenant_service_total{tenant="alice"}'] >= 2.0 * 200
+    assert m['tokenyard_tenant_service_total{tenant="bob"}'] >= 2.0 * 4
+
+
+def test_tenant_labels_are_bounded(one_seat):
+    for user in ("carol", "dave", "erin"):
+        httpx.post(f"{one_seat.url}{CHAT}", json={"messages": MSG, "max_tokens": 2, "user": user}, timeout=30)
+    m = one_seat.metrics()
+    labelled = {k for k in m if k.startswith("tokenyard_tenant_service_total{")}
+    assert len(labelled) == 3, labelled   # --metrics-max-tenants 2, plus "other"
+    assert m['tokenyard_tenant_service_total{tenant="other"}'] > 0

@@ -211,7 +211,8 @@ class OpenAIServing:
                     await task
         if task.cancelled():
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        return JSONResponse(task.result())
+        result = task.result()
+        return JSONResponse(result, headers={"X-Request-Id": result["id"]})
 
     @staticmethod
     def _sse(job: _Job, chunks: AsyncIterator[str]) -> StreamingResponse:
@@ -223,7 +224,8 @@ class OpenAIServing:
                 job.close()
 
         return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                          "X-Request-Id": job.id})
 
     @staticmethod
     async def _merged(job: _Job) -> AsyncIterator[tuple[int, RequestOutput]]:
