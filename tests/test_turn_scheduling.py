@@ -109,6 +109,19 @@ def test_raising_a_waiting_requests_priority_takes_effect_next_step():
     assert out.preempted == ["run"] and sched.requests["wait"].status is RequestStatus.RUNNING
 
 
+def test_no_preemption_that_would_not_make_room():
+    """A queued request preempts only if the victims it may take would free enough blocks: preempting the one
+    less urgent request it may displace, without room enough, would only waste that request's work."""
+    sched = _sched("priority", blocks=10, block_size=4, budget=64)
+    sched.add_request(_req("big", 28, 4, t=0.0, priority=1))      # 7 blocks, more urgent than the newcomer
+    sched.add_request(_req("small", 4, 8, t=1.0, priority=5))     # 1 block, less urgent
+    _step(sched)
+    sched.add_request(_req("mid", 16, 4, t=2.0, priority=3))      # needs 4 blocks; only 2 free + small's 1
+    out = _step(sched)
+    assert not out.preempted and sched.requests["small"].status is RequestStatus.RUNNING
+    assert sched.requests["mid"].status is RequestStatus.WAITING
+
+
 def test_lowering_a_running_requests_priority_makes_it_the_victim():
     sched = _sched("priority", blocks=8, block_size=4, budget=64)
     sched.add_request(_req("x", 10, 20, t=0.0, priority=1))

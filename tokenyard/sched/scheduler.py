@@ -180,17 +180,15 @@ class Scheduler:
         swapped = req.status is RequestStatus.SWAPPED
         hits, num_computed = ([], req.num_computed_tokens) if swapped else \
             self.kv.get_computed_blocks(req.request_id, req.all_token_ids)
-        while True:
-            n = min(req.num_tokens - num_computed, st.budget)
-            if len(self.running) < self.config.max_num_seqs and self._fits(req, num_computed + n, hits):
-                break
-            victims = [r for r in self.running if r.request_id not in st.admitted]
-            if not victims:
+        n = min(req.num_tokens - num_computed, st.budget)
+        if not self._fits(req, num_computed + n, hits):
+            plan = self._preemption_plan(st, req, num_computed + n, hits)
+            if plan is None:
+                return False  # no preemption the policy allows would make room: preempt nobody for nothing
+            for victim in plan:
+                self._preempt(st, victim)
+            if not self._fits(req, num_computed + n, hits):
                 return False
-            victim = max(victims, key=key)
-            if not (key(victim) > key(req) and self.policy.may_preempt(req, victim)):
-                return False
-            self._preempt(st, victim)
         self.policy.remove(req)
         if swapped:
             st.out.swap_in.extend(self.kv.swap_in(req.request_id))
@@ -208,11 +206,34 @@ class Scheduler:
         self._add_chunk(st, req, n)
         return True
 
-    def _fits(self, req: Request, num_tokens: int, hits: list) -> bool:
+    def _blocks_short(self, req: Request, num_tokens: int, hits: list) -> int:
+        """How many more free device blocks admitting ``req`` with ``num_tokens`` tokens would need."""
         if req.status is RequestStatus.SWAPPED:
-            held = len(self.kv.host_blocks.get(req.request_id, ()))
-            return self.kv.can_swap_in(req.request_id, cdiv(num_tokens, self.kv.block_size) - held)
-        return self.kv.num_blocks_needed(req.request_id, num_tokens, hits) <= self.kv.pool.num_free_if_touched(hits)
+            return cdiv(num_tokens, self.kv.block_size) - self.kv.num_free_blocks
+        return self.kv.num_blocks_needed(req.request_id, num_tokens, hits) - self.kv.pool.num_free_if_touched(hits)
+
+    def _fits(self, req: Request, num_tokens: int, hits: list) -> bool:
+        return len(self.running) < self.config.max_num_seqs and self._blocks_short(req, num_tokens, hits) <= 0
+
+    def _preemption_plan(self, st: _Step, req: Request, num_tokens: int, hits: list) -> list[Request] | None:
+        """The least urgent running requests whose preemption the policy allows and that would make room for
+        queued ``req``, least urgent first; None if even all of them would not."""
+        key = self.policy.urgency
+        short = self._blocks_short(req, num_tokens, hits)
+        seats = len(self.running) - self.config.max_num_seqs + 1
+        hit_ids = {b.block_id for b in hits}
+        plan: list[Request] = []
+        for victim in sorted((r for r in self.running if r.request_id not in st.admitted), key=key, reverse=True):
+            if short <= 0 and seats <= 0:
+                return plan
+            if not (key(victim) > key(req) and self.policy.may_preempt(req, victim)):
+                return None
+            plan.append(victim)
+            seats -= 1
+            # Blocks only it holds come free (a prefix block shared with another request, or with req, does not).
+            short -= sum(1 for b in self.kv.req_blocks.get(victim.request_id, ())
+                         if b.ref_cnt == 1 and b.block_id not in hit_ids)
+        return plan if short <= 0 and seats <= 0 else None
 
     def _add_chunk(self, st: _Step, req: Request, n: int) -> None:
         start = req.num_computed_tokens
