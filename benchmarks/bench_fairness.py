@@ -7,9 +7,12 @@ backlogged on its own. For each policy in turn (never two servers at once) it st
 server's per-tenant service from /metrics and stops it. Then it compares:
 
 - the light tenants' P99 TTFT (their requests pooled) and the heavy tenant's;
-- VTC's fairness metric: max - min weighted service (w_p per prompt token, w_q per output token) among the
-  tenants with requests in flight, over time (as ``tokenyard bench`` measures it, from the client side), and
-  its maximum against VTC's bound 2 * max(w_p * L_input, w_q * M), M = the server's KV capacity in tokens.
+- the fairness metric ``tokenyard bench`` reports: max - min cumulative weighted service (w_p per prompt
+  token, w_q per output token) among the tenants with requests in flight, over time (client side). It grows
+  under any work-conserving policy when the light tenants ask for less than their share;
+- what VTC bounds: for each pair of tenants and each span in which both have requests in flight, how far
+  their service difference moves within the span (max - min of S_f - S_g), against VTC's bound
+  2 * max(w_p * L_input, w_q * M), M = the server's KV capacity in tokens.
 
     python benchmarks/bench_fairness.py                       # fcfs vs vtc, the default workload
     python benchmarks/bench_fairness.py --num-prompts 80 --policies fcfs,vtc,vtc+priority
@@ -62,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bench-timeout", type=float, default=1800.0)
     p.add_argument("--out", default=str(HERE / "results" / "fairness.json"))
+    p.add_argument("--reuse", action="store_true",
+                   help="do not run servers: recompute the report from the per-policy JSON files of a previous run")
     return p.parse_args(argv)
 
 
@@ -115,6 +120,53 @@ def run_policy(args: argparse.Namespace, policy: str, outdir: Path) -> dict:
         console.print(f"[dim]{policy}: server stopped (status {status})[/dim]")
 
 
+def records_of(report: dict) -> list:
+    """RequestRecords back from a bench JSON (chunk times rebuilt from TTFT and the inter-chunk gaps)."""
+    from tokenyard.bench.records import RequestRecord
+
+    out = []
+    for r in report["requests"]:
+        rec = RequestRecord(r["index"], r["input_len"], r["output_len"], r["tenant"], r["priority"])
+        rec.sent, rec.send_s, rec.ttft_s, rec.latency_s = r["send_s"] is not None, r["send_s"], r["ttft_s"], \
+            r["latency_s"]
+        rec.prompt_tokens, rec.output_tokens = r["prompt_tokens"], r["output_tokens"] or 0
+        if r["ttft_s"] is not None:
+            rec.token_s = list(np.cumsum([r["ttft_s"], *r["itl_s"]]))
+        rec.error_kind = r["error_kind"]
+        out.append(rec)
+    return out
+
+
+def pair_span_difference(report: dict, w_p: float, w_q: float) -> float | None:
+    """Max over tenant pairs and over spans with both in flight of max - min (S_f - S_g) within the span."""
+    from tokenyard.bench.metrics import backlog_intervals, service_events
+
+    recs = records_of(report)
+    events = sorted(service_events(recs, w_p, w_q))
+    intervals = backlog_intervals(recs)
+    tenants = sorted({t for _, _, t in intervals})
+    points = sorted({t for t, _, _ in events} | {s for s, _, _ in intervals} | {e for _, e, _ in intervals})
+    service = dict.fromkeys(tenants, 0.0)
+    worst = None
+    spans: dict[tuple[str, str], tuple[float, float]] = {}
+    ei = 0
+    for t in points:
+        while ei < len(events) and events[ei][0] <= t:
+            service[events[ei][1]] += events[ei][2]
+            ei += 1
+        live = {n for s, e, n in intervals if s <= t <= e}
+        for i, f in enumerate(tenants):
+            for g in tenants[i + 1:]:
+                if f in live and g in live:
+                    d = service[f] - service[g]
+                    lo, hi = spans.get((f, g), (d, d))
+                    spans[(f, g)] = (min(lo, d), max(hi, d))
+                    worst = max(worst or 0.0, spans[(f, g)][1] - spans[(f, g)][0])
+                else:
+                    spans.pop((f, g), None)
+    return worst
+
+
 def p99(values: list[float]) -> float | None:
     return float(np.percentile(values, 99)) * 1000 if values else None
 
@@ -135,6 +187,7 @@ def summarize(report: dict, heavy: str, block_size: int, w_p: float, w_q: float)
         "heavy_ttft_p99_ms": p99(heavy_ttft),
         "per_tenant_ttft_p99_ms": {t: g["ttft_ms"]["p99"] for t, g in (report.get("by_tenant") or {}).items()},
         "max_service_difference": max(diff) if diff else None,
+        "max_pair_span_difference": pair_span_difference(report, w_p, w_q),
         "vtc_bound": 2 * max(w_p * l_input, w_q * kv_tokens), "L_input": l_input, "M_kv_tokens": kv_tokens,
         "preemptions": report["server_metrics"].get("tokenyard_preemptions_total"),
         "server_tenant_service": {k.split('"')[1]: v for k, v in report["server_metrics"].items()
@@ -190,7 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     reports, summaries = {}, {}
     for policy in policies:
         try:
-            reports[policy] = run_policy(args, policy, outdir)
+            if args.reuse:
+                reports[policy] = json.loads((outdir / f"{policy.replace('+', '-')}.json").read_text())
+                reports[policy]["server_metrics"] = reports[policy].get("server_metrics") or {}
+            else:
+                reports[policy] = run_policy(args, policy, outdir)
+                (outdir / f"{policy.replace('+', '-')}.json").write_text(json.dumps(reports[policy]))
             summaries[policy] = summarize(reports[policy], heavy, block_size, args.w_p, args.w_q)
         except Exception as e:  # noqa: BLE001 - report and go on with the next policy
             console.print(f"[red]{policy}: {e}[/red]")
@@ -199,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     table = Table(title=f"fairness: {args.num_prompts} Azure-conv requests, tenant shares {args.tenant_weights} "
                         f"(tenant-0 heavy), {machine()['cpu']}, {args.threads} threads")
     for col in ("policy", "done", "out tok/s", "light P99 TTFT s", "light med TTFT s", "heavy P99 TTFT s",
-                "max service diff", "VTC bound", "preempted"):
+                "max service diff", "max pair-span diff", "VTC bound", "preempted"):
         table.add_column(col, justify="right")
     for policy, s in summaries.items():
         def f(v, scale=1.0, digits=2):
@@ -207,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(policy, f"{s['completed']}/{s['completed'] + s['failed']}", f(s["output_throughput"], 1, 1),
                       f(s["light_ttft_p99_ms"], 1e-3), f(s["light_ttft_median_ms"], 1e-3),
                       f(s["heavy_ttft_p99_ms"], 1e-3), f(s["max_service_difference"], 1, 0),
+                      f(s["max_pair_span_difference"], 1, 0),
                       f(s["vtc_bound"], 1, 0), f(s["preemptions"], 1, 0))
     console.print(table)
     ratios = {}
@@ -218,11 +277,15 @@ def main(argv: list[str] | None = None) -> int:
                     "light_ttft_p99_vs_fcfs": s["light_ttft_p99_ms"] / base["light_ttft_p99_ms"],
                     "max_service_difference_vs_fcfs": (s["max_service_difference"] / base["max_service_difference"]
                                                        if base["max_service_difference"] else None),
+                    "max_pair_span_difference_vs_fcfs": (
+                        s["max_pair_span_difference"] / base["max_pair_span_difference"]
+                        if base["max_pair_span_difference"] else None),
                     "output_throughput_vs_fcfs": s["output_throughput"] / base["output_throughput"],
                 }
                 console.print(f"{policy}: light tenants' P99 TTFT = "
-                              f"{ratios[policy]['light_ttft_p99_vs_fcfs']:.2f} x fcfs's; max service difference "
-                              f"{s['max_service_difference']:,.0f} (bound {s['vtc_bound']:,.0f}); "
+                              f"{ratios[policy]['light_ttft_p99_vs_fcfs']:.2f} x fcfs's; max pair-span service "
+                              f"difference {s['max_pair_span_difference']:,.0f} vs fcfs's "
+                              f"{base['max_pair_span_difference']:,.0f} (bound {s['vtc_bound']:,.0f}); "
                               f"throughput {ratios[policy]['output_throughput_vs_fcfs']:.2f} x fcfs's")
     png = out.with_suffix(".png")
     plot(png, reports, summaries, heavy)

@@ -30,6 +30,10 @@ class ServerSettings:
     shutdown_timeout: float = 30.0     # seconds in-flight requests get to finish on shutdown
     metrics_max_tenants: int = 20      # tenants with their own /metrics label; the rest are summed as "other"
 
+    def __post_init__(self) -> None:
+        if self.metrics_max_tenants < 0:
+            raise ValueError(f"--metrics-max-tenants must be >= 0, got {self.metrics_max_tenants}")
+
 
 def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
