@@ -14,13 +14,12 @@ are refunded if that step's work for the request is rolled back (it was picked a
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from tokenyard.sched.request import Request
 
 
-@dataclass(frozen=True, slots=True)
-class Charge:
+class Charge(NamedTuple):
     """What one scheduled chunk cost its tenant, enough to undo it exactly."""
 
     tenant: str
@@ -54,15 +53,20 @@ class ServiceLedger:
     def charge(self, req: Request, start: int, num_tokens: int, sample: bool) -> Charge | None:
         """Charge the tenant for a chunk scheduled this step; returns what to pass to :meth:`refund`."""
         before = self._prompt_charged.get(req.request_id, 0)
-        new_prompt = max(req.num_prompt_tokens - before, 0)
-        cost = self.w_p * new_prompt + (self.w_q if sample else 0.0)
-        if cost == 0.0 and new_prompt == 0:
+        new_prompt = req.num_prompt_tokens - before
+        if new_prompt > 0:
+            cost = self.w_p * new_prompt + (self.w_q if sample else 0.0)
+            self._prompt_charged[req.request_id] = before + new_prompt
+        elif sample:
+            cost = self.w_q   # the common case: a decode
+        else:
             return None
-        self.ensure(req.tenant)
-        self._prompt_charged[req.request_id] = before + new_prompt
-        self.service[req.tenant] += cost
-        self.counter[req.tenant] += cost / self.weight(req.tenant)
-        return Charge(req.tenant, cost, before)
+        tenant = req.tenant
+        if tenant not in self.counter:
+            self.ensure(tenant)
+        self.service[tenant] += cost
+        self.counter[tenant] += cost / self.tenant_weights.get(tenant, 1.0)
+        return Charge(tenant, cost, before)
 
     def refund(self, req: Request, charge: Charge | None) -> None:
         if charge is None:
