@@ -197,6 +197,8 @@ BAD = [  # path, body, status, param, code (None: not checked)
     (CHAT, {"messages": MSG, "top_p": 1.5}, 400, "top_p", None),
     (CHAT, {"messages": MSG, "top_p": 0}, 400, "top_p", None),
     (CHAT, {"messages": MSG, "n": 0}, 400, "n", None),
+    (CHAT, {"messages": MSG, "priority": "high"}, 400, "priority", None),
+    (CHAT, {"messages": MSG, "priority": 2**40}, 400, "priority", None),
     (CHAT, {"messages": MSG, "stop": [""]}, 400, "stop", None),
     (CHAT, {"messages": MSG, "stream_options": {"include_usage": True}}, 400, "stream_options", None),
     (CHAT, {"messages": MSG, "max_tokens": 300}, 400, "messages", CTX),

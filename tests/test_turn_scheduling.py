@@ -122,6 +122,39 @@ def test_no_preemption_that_would_not_make_room():
     assert sched.requests["mid"].status is RequestStatus.WAITING
 
 
+def test_preemption_plan_counts_a_prefix_block_shared_by_victims():
+    """Two less urgent requests share a prompt's blocks: preempting both frees them, so the urgent request
+    (which shares nothing) gets in instead of waiting behind them."""
+    kv = KVCacheManager(10, 4, 0, enable_prefix_caching=True)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, scheduling_policy="priority"), kv)
+    shared = list(range(100, 124))
+    sched.add_request(Request("v1", shared, 12, priority=5, arrival_time=1.0))
+    _step(sched)
+    sched.add_request(Request("v2", shared, 12, priority=5, arrival_time=2.0))
+    _step(sched)
+    _step(sched)
+    assert any(b.ref_cnt == 2 for b in kv.pool.blocks), "the scenario needs blocks shared by both victims"
+    sched.add_request(Request("urgent", list(range(200, 224)), 5, priority=0, arrival_time=3.0))
+    out = _step(sched)
+    assert sorted(out.preempted) == ["v1", "v2"]
+    assert sched.requests["urgent"].status is RequestStatus.RUNNING
+
+
+def test_ledger_forgets_idle_tenants_past_its_cap():
+    kv = KVCacheManager(64, 4, 0, enable_prefix_caching=False)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, scheduling_policy="vtc"), kv)
+    sched.ledger.max_tenants = 8
+    for i in range(40):
+        sched.add_request(_req(f"r{i}", 4, 1, t=float(i), tenant=f"user-{i}"))
+        _step(sched)                                   # each finishes at once: its tenant goes idle
+    assert len(sched.ledger.counter) <= 8
+    stats = sched.ledger.tenant_stats()
+    assert sum(svc for svc, _ in stats.values()) == 40 * (4 * 1.0 + 1 * 2.0)   # nothing lost from the totals
+    sched.add_request(_req("back", 4, 1, t=99.0, tenant="user-0"))             # a forgotten tenant returns
+    _step(sched)
+    sched.check_invariants()
+
+
 def test_lowering_a_running_requests_priority_makes_it_the_victim():
     sched = _sched("priority", blocks=8, block_size=4, budget=64)
     sched.add_request(_req("x", 10, 20, t=0.0, priority=1))

@@ -25,6 +25,8 @@ from tokenyard.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
+_TENANT_STATS_EVERY_S = 0.5   # per-tenant snapshot for /metrics: linear in tenants, so not every step
+
 
 class QueueFullError(RuntimeError):
     """More requests are waiting for their first token than ``max_waiting`` allows."""
@@ -132,6 +134,7 @@ class AsyncEngine:
         self._id_prefix = uuid.uuid4().hex[:8]
         self._stats: dict[str, float] = dict(engine.stats())
         self._tenant_stats: dict[str, tuple[float, float]] = engine.tenant_stats()
+        self._tenant_stats_at = 0.0
         self._thread = threading.Thread(target=self._run, name="tokenyard-engine", daemon=True)
 
     # ------------------------------------------------------------------ lifecycle
@@ -229,6 +232,9 @@ class AsyncEngine:
         settle = _resolver(loop, fut)
 
         def apply() -> None:
+            if self._dead is not None:
+                settle(EngineUnavailableError(f"the engine loop died: {self._dead!r}"))
+                return
             try:
                 n = sum(self.engine.set_priority(rid, priority) for rid in request_ids if rid in self._streams)
             except Exception as e:  # noqa: BLE001 - handed to the caller
@@ -237,7 +243,8 @@ class AsyncEngine:
             settle(None, n)
 
         with self._cv:
-            self._check_accepting()
+            if self._dead is not None or self._stop:   # draining is fine: those requests still run
+                raise EngineUnavailableError("the engine is not running")
             self._commands.append(apply)
             self._cv.notify()
         return await fut
@@ -297,7 +304,9 @@ class AsyncEngine:
                         # Gone idle: a leaked or double-owned block would show now (cheap: linear in blocks).
                         engine.scheduler.check_invariants()
                 self._stats = engine.stats()
-                self._tenant_stats = engine.tenant_stats()
+                now = time.monotonic()
+                if now - self._tenant_stats_at > _TENANT_STATS_EVERY_S or not engine.has_unfinished_requests():
+                    self._tenant_stats, self._tenant_stats_at = engine.tenant_stats(), now
         except BaseException as e:  # noqa: BLE001 - the loop must report any failure to every waiter
             log.exception("engine loop failed")
             self._dead = e

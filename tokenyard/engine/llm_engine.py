@@ -300,5 +300,4 @@ class LLMEngine:
     def tenant_stats(self) -> dict[str, tuple[float, float]]:
         """Per tenant: (service, virtual counter). Service is w_p per prompt token + w_q per output token,
         counted for every policy; the counter is service / weight plus VTC's lifts."""
-        ledger = self.scheduler.ledger
-        return {t: (ledger.service[t], ledger.counter[t]) for t in ledger.service}
+        return self.scheduler.ledger.tenant_stats()

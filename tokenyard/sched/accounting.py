@@ -27,8 +27,17 @@ class Charge(NamedTuple):
     prompt_before: int  # the request's charged prompt tokens before this charge
 
 
+EVICTED = "(evicted)"   # tenant_stats() key for the summed service of tenants forgotten while idle
+
+
 class ServiceLedger:
-    def __init__(self, w_p: float = 1.0, w_q: float = 2.0, tenant_weights: Mapping[str, float] | None = None) -> None:
+    """Service and virtual counter per tenant. Tenants come from a free-form API field, so the ledger keeps at
+    most ``max_tenants``: past that, the idle tenants (no live request) with the smallest counters are forgotten
+    (their service is kept in one sum for the metrics). VTC loses nothing by it: a tenant that comes back is
+    lifted to the backlogged tenants' counters anyway; one that had been served more than them is forgiven."""
+
+    def __init__(self, w_p: float = 1.0, w_q: float = 2.0, tenant_weights: Mapping[str, float] | None = None,
+                 max_tenants: int = 10_000) -> None:
         if not (w_p >= 0 and w_q >= 0 and w_p + w_q > 0):
             raise ValueError(f"vtc_w_p and vtc_w_q must be >= 0 and not both 0, got {w_p} and {w_q}")
         weights = dict(tenant_weights or {})
@@ -41,6 +50,37 @@ class ServiceLedger:
         self.service: dict[str, float] = {}   # weighted tokens served, w_p * prompt + w_q * output
         self.counter: dict[str, float] = {}   # virtual counter: service / weight, plus lifts
         self._prompt_charged: dict[str, int] = {}
+        self.live: dict[str, int] = {}        # tenants with unfinished requests -> how many
+        self.max_tenants = max_tenants
+        self.evicted_service = 0.0
+
+    def enter(self, tenant: str) -> None:
+        """A request of ``tenant`` arrived."""
+        self.ensure(tenant)
+        self.live[tenant] = self.live.get(tenant, 0) + 1
+        if len(self.counter) > self.max_tenants:
+            self._forget_idle_tenants()
+
+    def leave(self, tenant: str) -> None:
+        """A request of ``tenant`` finished."""
+        left = self.live.get(tenant, 0) - 1
+        if left > 0:
+            self.live[tenant] = left
+        else:
+            self.live.pop(tenant, None)
+
+    def _forget_idle_tenants(self) -> None:
+        idle = sorted((t for t in self.counter if t not in self.live), key=self.counter.__getitem__)
+        for t in idle[: max(len(self.counter) - self.max_tenants * 3 // 4, 0)]:
+            self.evicted_service += self.service.pop(t)
+            del self.counter[t]
+
+    def tenant_stats(self) -> dict[str, tuple[float, float]]:
+        """Per tenant (service, virtual counter); forgotten tenants' service summed under ``EVICTED``."""
+        out = {t: (self.service[t], self.counter[t]) for t in self.service}
+        if self.evicted_service:
+            out[EVICTED] = (self.evicted_service, 0.0)
+        return out
 
     def weight(self, tenant: str) -> float:
         return self.tenant_weights.get(tenant, 1.0)

@@ -38,11 +38,12 @@ class SchedulingPolicy(ABC):
     def register(self, req: Request) -> None:
         """A new request: give it its tie-breaking arrival sequence number."""
         self._seq[req.request_id] = next(self._counter)
-        self.ledger.ensure(req.tenant)
+        self.ledger.enter(req.tenant)
 
     def forget(self, req: Request) -> None:
         """The request finished (it is no longer queued)."""
-        self._seq.pop(req.request_id, None)
+        if self._seq.pop(req.request_id, None) is not None:
+            self.ledger.leave(req.tenant)
         self.ledger.forget(req)
 
     def seq(self, req: Request) -> int:

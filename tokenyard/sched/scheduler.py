@@ -222,6 +222,7 @@ class Scheduler:
         short = self._blocks_short(req, num_tokens, hits)
         seats = len(self.running) - self.config.max_num_seqs + 1
         hit_ids = {b.block_id for b in hits}
+        dropped: dict[int, int] = {}   # block id -> references the plan drops
         plan: list[Request] = []
         for victim in sorted((r for r in self.running if r.request_id not in st.admitted), key=key, reverse=True):
             if short <= 0 and seats <= 0:
@@ -230,9 +231,12 @@ class Scheduler:
                 return None
             plan.append(victim)
             seats -= 1
-            # Blocks only it holds come free (a prefix block shared with another request, or with req, does not).
-            short -= sum(1 for b in self.kv.req_blocks.get(victim.request_id, ())
-                         if b.ref_cnt == 1 and b.block_id not in hit_ids)
+            # A block comes free once the plan drops all its references (a prefix block shared by victims frees
+            # with the last of them); one of req's own prefix hits does not count, req takes it back.
+            for b in self.kv.req_blocks.get(victim.request_id, ()):
+                n = dropped[b.block_id] = dropped.get(b.block_id, 0) + 1
+                if n == b.ref_cnt and b.block_id not in hit_ids:
+                    short -= 1
         return plan if short <= 0 and seats <= 0 else None
 
     def _add_chunk(self, st: _Step, req: Request, n: int) -> None:

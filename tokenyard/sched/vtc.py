@@ -13,8 +13,8 @@ goes first, and a queued request may preempt a running request of a less urgent 
 preempts for a queued request (counters cross every step; preempting on each crossing would thrash); a
 victim for lack of blocks is the latest request of the tenant with the largest counter.
 
-Victim keys use the counters as they were when the step began, so one step's preemption decisions agree
-with each other even though admissions in that step charge the counters.
+Victim keys use the counters as they were when the step began (recorded lazily, before a tenant's first
+charge in the step), so one step's preemption decisions agree with each other even though the step charges.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import bisect
 from collections.abc import Iterator
 
 from tokenyard.invariants import InvariantError, require
-from tokenyard.sched.accounting import ServiceLedger
+from tokenyard.sched.accounting import Charge, ServiceLedger
 from tokenyard.sched.policy import SchedulingPolicy
 from tokenyard.sched.request import Request
 
@@ -58,7 +58,12 @@ class VTCPolicy(SchedulingPolicy):
         return self.banded and candidate.priority < victim.priority
 
     def begin_step(self) -> None:
-        self._frozen = dict(self.ledger.counter)
+        self._frozen = {}   # filled lazily: a tenant's counter as it was before its first charge this step
+
+    def charge(self, req: Request, start: int, num_tokens: int, sample: bool) -> Charge | None:
+        if req.tenant not in self._frozen:
+            self._frozen[req.tenant] = self.ledger.counter.get(req.tenant, 0.0)
+        return super().charge(req, start, num_tokens, sample)
 
     # ----------------------------------------------------------------- the queue
     def push(self, req: Request, *, arrival: bool = False) -> None:
@@ -75,7 +80,7 @@ class VTCPolicy(SchedulingPolicy):
         counters = self.ledger.counter
         if self._num_queued:
             self.ledger.lift(tenant, min(counters[t] for t in self._num_queued))
-        elif self._last_left is not None and self._last_left != tenant:
+        elif self._last_left is not None and self._last_left != tenant and self._last_left in counters:
             self.ledger.lift(tenant, counters[self._last_left])
 
     def remove(self, req: Request) -> None:

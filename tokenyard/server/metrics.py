@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from tokenyard.sched.accounting import EVICTED
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                     10.0, 20.0, 40.0, 80.0)
 _E2E_BUCKETS = (0.1, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 120.0, 240.0, 480.0)
@@ -64,7 +66,7 @@ class _TenantCollector(Collector):
         stats = self.tenant_stats()
         free = self.max_tenants - len(self.labelled)
         if free > 0:
-            new = sorted((t for t in stats if t not in self.labelled), key=lambda t: -stats[t][0])
+            new = sorted((t for t in stats if t not in self.labelled and t != EVICTED), key=lambda t: -stats[t][0])
             self.labelled.update(new[:free])
         service = CounterMetricFamily("tokenyard_tenant_service", "VTC service given to a tenant: w_p per prompt "
                                       "token + w_q per output token (other: all unlabelled tenants).",

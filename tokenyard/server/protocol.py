@@ -51,7 +51,7 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False                              # extension
-    priority: int = 0                                     # extension: lower is more urgent
+    priority: int = Field(0, ge=-(2**31), lt=2**31, strict=True)   # extension: lower is more urgent
     user: str | None = None                               # becomes the tenant
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
