@@ -164,12 +164,17 @@ def test_stop_strings(client, model):
     assert texts == {0: cut.text} and reasons == {0: "stop"}
 
 
-def test_priority_and_user_accepted(tiny, client, model):
+def test_user_accepted_and_priority_refused_under_fcfs(tiny, client, model):
     r = client.chat.completions.create(model=model, messages=MSG, max_tokens=2, user="alice",
-                                       extra_body={"priority": 3, "top_k": 5})
+                                       extra_body={"priority": 0, "top_k": 5})
     assert r.choices[0].finish_reason in ("length", "stop")
     m = tiny.metrics()
     assert any(k.startswith("tokenyard_requests_total{") and 'tenant="alice"' in k for k in m)
+    with pytest.raises(openai.BadRequestError) as e:   # fcfs ignores priorities: say so instead of silence
+        client.chat.completions.create(model=model, messages=MSG, max_tokens=2, extra_body={"priority": 3})
+    assert e.value.body["param"] == "priority" and "--scheduling-policy" in e.value.body["message"]
+    r = httpx.post(f"{tiny.url}/v1/requests/chatcmpl-x/priority", json={"priority": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "priority"
 
 
 # --------------------------------------------------------------------------- errors
@@ -529,9 +534,28 @@ def test_priority_raised_at_runtime_overtakes_a_running_request(one_seat):
 
 
 def test_tenant_labels_are_bounded(one_seat):
-    for user in ("carol", "dave", "erin"):
-        httpx.post(f"{one_seat.url}{CHAT}", json={"messages": MSG, "max_tokens": 2, "user": user}, timeout=30)
-    m = one_seat.metrics()
-    labelled = {k for k in m if k.startswith("tokenyard_tenant_service_total{")}
-    assert len(labelled) == 3, labelled   # --metrics-max-tenants 2, plus "other"
+    for user in ("carol", "dave", "erin", "eve\ud800"):   # the last one holds a lone surrogate
+        body = json.dumps({"messages": MSG, "max_tokens": 2, "user": user})   # ascii: "\\ud800" escaped
+        r = httpx.post(f"{one_seat.url}{CHAT}", content=body, headers={"content-type": "application/json"},
+                       timeout=30)
+        assert r.status_code == 200, r.text
+    m = one_seat.metrics()       # still parses, and still bounded
+    for family in ("tokenyard_tenant_service_total{", "tokenyard_requests_total{"):
+        tenants = {k.split('tenant="')[1].split('"')[0] for k in m if k.startswith(family)}
+        assert len(tenants) <= 3 and "other" in tenants, (family, tenants)   # --metrics-max-tenants 2, + other
     assert m['tokenyard_tenant_service_total{tenant="other"}'] > 0
+
+
+def test_tenant_label_values_are_printable_and_bounded():
+    from prometheus_client import generate_latest
+
+    from tokenyard.server.metrics import ServerMetrics
+
+    stats = {"eve\ud800": (5.0, 5.0), "bob": (3.0, 3.0), "carol": (1.0, 1.0)}
+    m = ServerMetrics(dict, lambda: stats, max_tenants=2)
+    m.tracker("eve\ud800", 0.0).on_finish("stop")
+    m.tracker("zed", 0.0).on_finish("stop")
+    text = generate_latest(m.registry).decode()
+    assert 'tenant="eve\\\\ud800"' in text and 'tokenyard_tenant_service_total{tenant="other"} 4.0' in text
+    assert 'tokenyard_requests_total{finish_reason="stop",tenant="zed"}' in text   # second of 2 slots
+    assert "carol" not in text and "bob" not in text

@@ -121,6 +121,7 @@ class AsyncEngine:
         self.max_model_len: int = engine.max_model_len
         self.tokenizer = engine.tokenizer
         self.kv_capacity_tokens: int = engine.kv.pool.num_blocks * engine.kv.block_size
+        self.scheduling_policy: str = engine.config.scheduling_policy
 
         self._cv = threading.Condition()
         self._commands: list[Callable[[], None]] = []

@@ -61,6 +61,7 @@ class PriorityPolicy(_SortedQueuePolicy):
     """Lower ``priority`` first, then arrival. A queued request preempts a running one of a worse priority."""
 
     name = "priority"
+    uses_priority = True
 
     def urgency(self, req: Request) -> tuple:
         return (req.priority, req.arrival_time, self.seq(req))

@@ -18,6 +18,14 @@ def check_policy_name(name: str) -> None:
         raise ValueError(f"scheduling_policy must be one of {', '.join(POLICY_NAMES)}; got {name!r}")
 
 
+def uses_priority(name: str) -> bool:
+    check_policy_name(name)
+    return POLICIES[name].uses_priority
+
+
+PRIORITY_POLICIES = tuple(n for n, cls in POLICIES.items() if cls.uses_priority)
+
+
 def make_policy(name: str, ledger: ServiceLedger | None = None) -> SchedulingPolicy:
     check_policy_name(name)
     return POLICIES[name](ledger)

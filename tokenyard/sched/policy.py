@@ -28,6 +28,7 @@ from tokenyard.sched.request import Request
 
 class SchedulingPolicy(ABC):
     name: ClassVar[str]
+    uses_priority: ClassVar[bool] = False   # does a request's priority change anything under this policy?
 
     def __init__(self, ledger: ServiceLedger | None = None) -> None:
         self.ledger = ledger or ServiceLedger()

@@ -148,3 +148,4 @@ class VTCPriorityPolicy(VTCPolicy):
 
     name = "vtc+priority"
     banded = True
+    uses_priority = True

@@ -49,39 +49,56 @@ class _EngineCollector(Collector):
             yield CounterMetricFamily(name, doc, value=s.get(key, 0))
 
 
-class _TenantCollector(Collector):
-    """Per-tenant VTC service and virtual counter, with a bounded number of tenant labels.
+class TenantLabels:
+    """Bounded ``tenant`` label values: the client picks the tenant (``user``), so only ``max_tenants`` of them
+    get a label of their own, handed out once and never taken back; every other tenant is ``other``. So each
+    series only ever grows (a top-N recomputed per scrape would move counts between series). Values are made
+    printable UTF-8 (a lone surrogate in ``user`` must not break every later scrape)."""
 
-    Label slots are handed out at scrape time to the tenants with the most service and never taken back;
-    once they are all given, every other tenant's service is summed under ``tenant="other"``. So each series
-    only ever grows (a top-N recomputed per scrape would move service between series and break counters).
-    """
+    OTHER = "other"
 
-    def __init__(self, tenant_stats: Callable[[], dict[str, tuple[float, float]]], max_tenants: int) -> None:
-        self.tenant_stats = tenant_stats
+    def __init__(self, max_tenants: int) -> None:
         self.max_tenants = max_tenants
-        self.labelled: set[str] = set()
+        self.given: set[str] = set()
+
+    def label(self, tenant: str) -> str:
+        if tenant in self.given:
+            return _printable(tenant)
+        if len(self.given) < self.max_tenants and tenant != EVICTED:
+            self.given.add(tenant)
+            return _printable(tenant)
+        return self.OTHER
+
+
+def _printable(text: str) -> str:
+    return text[:64].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class _TenantCollector(Collector):
+    """Per-tenant VTC service and virtual counter; labels from :class:`TenantLabels`, the most served first."""
+
+    def __init__(self, tenant_stats: Callable[[], dict[str, tuple[float, float]]], labels: TenantLabels) -> None:
+        self.tenant_stats = tenant_stats
+        self.labels = labels
 
     def collect(self) -> Iterator:
         stats = self.tenant_stats()
-        free = self.max_tenants - len(self.labelled)
-        if free > 0:
-            new = sorted((t for t in stats if t not in self.labelled and t != EVICTED), key=lambda t: -stats[t][0])
-            self.labelled.update(new[:free])
         service = CounterMetricFamily("tokenyard_tenant_service", "VTC service given to a tenant: w_p per prompt "
                                       "token + w_q per output token (other: all unlabelled tenants).",
                                       labels=["tenant"])
         counter = GaugeMetricFamily("tokenyard_tenant_virtual_counter", "A tenant's VTC virtual counter: service "
                                     "divided by its weight, plus lifts.", labels=["tenant"])
-        other = 0.0
-        for tenant, (svc, ctr) in stats.items():
-            if tenant in self.labelled:
-                service.add_metric([tenant], svc)
-                counter.add_metric([tenant], ctr)
+        other = None
+        for tenant in sorted(stats, key=lambda t: -stats[t][0]):
+            svc, ctr = stats[tenant]
+            name = self.labels.label(tenant)
+            if name == TenantLabels.OTHER:
+                other = (other or 0.0) + svc
             else:
-                other += svc
-        if len(stats) > len(self.labelled & stats.keys()):
-            service.add_metric(["other"], other)
+                service.add_metric([name], svc)
+                counter.add_metric([name], ctr)
+        if other is not None:
+            service.add_metric([TenantLabels.OTHER], other)
         yield service
         yield counter
 
@@ -99,12 +116,13 @@ class ServerMetrics:
                              buckets=_E2E_BUCKETS, registry=self.registry)
         self.requests = Counter("tokenyard_requests", "Finished engine requests (one per choice).",
                                 ["tenant", "finish_reason"], registry=self.registry)
+        self.tenant_labels = TenantLabels(max_tenants)
         self.registry.register(_EngineCollector(stats))
         if tenant_stats is not None:
-            self.registry.register(_TenantCollector(tenant_stats, max_tenants))
+            self.registry.register(_TenantCollector(tenant_stats, self.tenant_labels))
 
     def tracker(self, tenant: str, arrival: float) -> RequestTracker:
-        return RequestTracker(self, tenant[:64], arrival)
+        return RequestTracker(self, tenant, arrival)
 
 
 class RequestTracker:
@@ -130,4 +148,4 @@ class RequestTracker:
             return
         self.done = True
         self.m.e2e.observe(time.monotonic() - self.arrival)
-        self.m.requests.labels(tenant=self.tenant, finish_reason=reason).inc()
+        self.m.requests.labels(tenant=self.m.tenant_labels.label(self.tenant), finish_reason=reason).inc()

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from tokenyard.engine.async_engine import AsyncEngine, RequestStream
 from tokenyard.outputs import RequestOutput, TokenLogprob
 from tokenyard.sampling_params import InvalidParameterError, SamplingParams
+from tokenyard.sched.policies import PRIORITY_POLICIES, uses_priority
 from tokenyard.server.errors import APIError, from_exception
 from tokenyard.server.formatting import CompletionLogprobs, TokenStrings, chat_logprobs, sse, usage
 from tokenyard.server.metrics import RequestTracker, ServerMetrics
@@ -98,8 +99,16 @@ class OpenAIServing:
         self.text_of = TokenStrings(engine.tokenizer)
         self.jobs: dict[str, _Job] = {}   # API calls in flight by the id their client sees
 
+    def _check_priority_used(self) -> None:
+        policy = self.engine.scheduling_policy
+        if not uses_priority(policy):
+            raise InvalidParameterError(
+                "priority", f"this server schedules by `{policy}`, which ignores priorities; start it with "
+                            f"--scheduling-policy {' or '.join(PRIORITY_POLICIES)} to use them")
+
     async def set_priority(self, job_id: str, priority: int) -> dict:
         """Re-prioritize every choice of an API call in flight; 404 when it is unknown or already done."""
+        self._check_priority_used()
         job = self.jobs.get(job_id)
         updated = 0
         if job is not None:
@@ -135,6 +144,8 @@ class OpenAIServing:
             raise APIError(404, f"The model `{req.model}` does not exist. This server serves "
                                 f"`{self.engine.model_name}`.", param="model", code="model_not_found")
         req.check_supported()
+        if req.priority != 0:
+            self._check_priority_used()
 
     async def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
