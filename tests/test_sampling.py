@@ -137,3 +137,27 @@ def test_detokenization_failure_aborts_only_that_request(llm, monkeypatch):
     assert done[bad].finish_reason == "abort" and "cannot decode" in done[bad].error
     assert done[ok].error is None and done[ok].token_ids == ref.token_ids and done[ok].text == ref.text
     _assert_clean(llm)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_min_tokens_masks_stop_tokens_until_reached(llm, temperature):
+    """Stop tokens (and EOS) cannot even be sampled before min_tokens, as in vLLM: not merely ignored."""
+    prompt = [5, 6, 7, 8, 9]
+    first = llm.generate(prompt, SamplingParams(max_tokens=1, temperature=temperature, seed=3))[0].token_ids[0]
+    out = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=temperature, seed=3, min_tokens=4,
+                                              stop_token_ids=[first]))[0]
+    assert first not in out.token_ids[:4] and len(out.token_ids) >= 4
+    assert out.finish_reason == "length" or out.token_ids[-1] == first or out.token_ids[-1] == 2
+
+
+def test_sampler_masks_stop_ids_per_row():
+    logits = torch.zeros(2, 10)
+    logits[:, 2] = 5.0                                    # "EOS" is everyone's favourite
+    masked = sampler.make_sample_state(SamplingParams(max_tokens=4, min_tokens=2, temperature=0), torch.device("cpu"),
+                                       (2,))
+    free = sampler.make_sample_state(SamplingParams(max_tokens=4, temperature=0), torch.device("cpu"), (2,))
+    for step in range(3):
+        tokens, _ = sampler.sample(logits, [masked, free])
+        assert tokens[1] == 2
+        assert (tokens[0] != 2) if step < 2 else (tokens[0] == 2)
+    assert logits[0, 2] == 5.0                             # the caller's logits are left alone

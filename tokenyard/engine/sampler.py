@@ -19,15 +19,24 @@ class SampleState:
     params: SamplingParams
     generator: torch.Generator | None  # None for greedy requests
     error: str | None = None           # why sampling this request failed (its token is then SAMPLE_FAILED)
+    stop_token_ids: tuple[int, ...] = ()  # masked out until min_tokens tokens were sampled
+    num_sampled: int = 0
+
+    @property
+    def masks_stops(self) -> bool:
+        return self.num_sampled < self.params.min_tokens and bool(self.stop_token_ids)
 
 
-def make_sample_state(params: SamplingParams, device: torch.device) -> SampleState:
+def make_sample_state(params: SamplingParams, device: torch.device,
+                      stop_token_ids: tuple[int, ...] = ()) -> SampleState:
+    """``stop_token_ids``: the tokens that would end the request (EOS unless ignore_eos, and the stop ids);
+    they cannot be sampled before ``params.min_tokens`` tokens, as in vLLM."""
     if params.greedy:
-        return SampleState(params, None)
+        return SampleState(params, None, stop_token_ids=stop_token_ids)
     g = torch.Generator(device=device)
     # A request's own generator makes its draws independent of whatever else is in the batch.
     g.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
-    return SampleState(params, g)
+    return SampleState(params, g, stop_token_ids=stop_token_ids)
 
 
 def sample(logits: torch.Tensor, states: list[SampleState]) -> tuple[list[int], list[TokenLogprob | None]]:
@@ -36,6 +45,11 @@ def sample(logits: torch.Tensor, states: list[SampleState]) -> tuple[list[int], 
     A failure in one request's row (e.g. non-finite probabilities) does not fail the batch: that request gets
     the token ``SAMPLE_FAILED``, no logprobs, and the reason in its state's ``error``.
     """
+    masked = [i for i, s in enumerate(states) if s.masks_stops]
+    if masked:
+        logits = logits.clone()
+        for i in masked:
+            logits[i, list(states[i].stop_token_ids)] = float("-inf")
     greedy_rows = [i for i, s in enumerate(states) if s.generator is None]
     tokens: list[int] = [0] * len(states)
     if len(greedy_rows) == len(states):
@@ -52,6 +66,9 @@ def sample(logits: torch.Tensor, states: list[SampleState]) -> tuple[list[int], 
                 except Exception as e:  # noqa: BLE001 - this request fails, the rest of the batch goes on
                     s.error = f"sampling failed: {e}"
                     tokens[i] = SAMPLE_FAILED
+    for s, t in zip(states, tokens):
+        if t != SAMPLE_FAILED:
+            s.num_sampled += 1
     logprobs: list[TokenLogprob | None] = [None] * len(states)
     want = [i for i, s in enumerate(states) if s.params.logprobs is not None and tokens[i] != SAMPLE_FAILED]
     if want:
