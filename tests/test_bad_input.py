@@ -59,6 +59,14 @@ def test_prompt_longer_than_context(llm):
     _assert_untouched(llm)
 
 
+def test_max_tokens_beyond_the_context_window_is_refused_not_clamped(llm):
+    room = llm.engine.max_model_len - 3
+    with pytest.raises(ValueError, match="max_tokens") as e:
+        llm.generate([[5, 6], [5, 6, 7]], SamplingParams(max_tokens=room + 1))
+    assert f"at most {room}" in str(e.value)
+    _assert_untouched(llm)
+
+
 def test_token_id_outside_vocabulary(llm):
     with pytest.raises(ValueError, match="vocabulary"):
         llm.generate([[5, 6, 100000]])
@@ -97,7 +105,7 @@ def test_add_request_refused_by_scheduler_leaves_no_state(tiny_llama_dir):
 def test_add_request_failing_in_runner_leaves_no_state(llm, monkeypatch):
     engine = llm.engine
 
-    def boom(rid, params):
+    def boom(rid, params, stop_token_ids=()):
         raise RuntimeError("no sample state today")
 
     monkeypatch.setattr(engine.runner, "add_request", boom)

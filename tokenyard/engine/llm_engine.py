@@ -130,6 +130,11 @@ class LLMEngine:
         if not isinstance(tenant, str) or not tenant:
             raise InvalidParameterError("tenant", f"tenant must be a non-empty string, got {tenant!r}")
         ids = self.tokenize_prompt(prompt)
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise InvalidParameterError(
+                "max_tokens", f"the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}, but the "
+                              f"model's context window is {self.max_model_len}: ask for at most "
+                              f"{self.max_model_len - len(ids)} tokens")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._tracked:
             raise InvalidParameterError("request_id", f"request_id {rid!r} is already in use")
