@@ -160,3 +160,31 @@ def test_bad_engine_args(tiny_llama_dir):
         LLM(model=str(tiny_llama_dir), scheduling_policy="random")
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         LLM(model=str(tiny_llama_dir), max_num_batched_tokens=0)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:3", "tpu", "mps"])
+def test_unavailable_device_is_a_clear_error(tiny_llama_dir, device):
+    import torch
+
+    if torch.cuda.is_available() and device == "cuda":
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="device"):
+        LLM(model=str(tiny_llama_dir), device=device)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs_on_cpu(tiny_llama_dir, dtype):
+    """bf16/fp16 used to crash on the first step (the RoPE tables stayed fp32); the first greedy token agrees
+    with transformers in the same dtype (later ones may differ by rounding order, so they are not compared)."""
+    import torch
+
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(model=str(tiny_llama_dir), dtype=dtype, device="cpu", block_size=4, check_invariants=True)
+    prompt = [5, 6, 7, 8, 9, 10, 11]
+    out = llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4 and out.finish_reason == "length"
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=getattr(torch, dtype))
+    with torch.no_grad():
+        first = int(ref(torch.tensor([prompt])).logits[0, -1].argmax())
+    assert out.token_ids[0] == first

@@ -35,6 +35,22 @@ class _Tracked:
     max_stop_len: int
 
 
+def _device(name: str | None) -> torch.device:
+    """The device to run on (None: cuda when available); a clear ValueError for one this machine lacks."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device: {name!r} is not a device torch knows ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"device: {name!r} was asked for, but {why}; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: {name!r}: tokenyard runs on cpu or cuda")
+    return device
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
@@ -47,7 +63,7 @@ class LLMEngine:
         self.tokenizer = Tokenizer(resolved.hf_dir)
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = _device(config.device)
         dtype = _DTYPES[config.dtype]
         per_block = ModelRunner.kv_bytes_per_block(mc, config.block_size, dtype)
         num_blocks = config.num_kv_blocks or max(int(config.kv_cache_memory_gb * 2**30) // per_block, 1)

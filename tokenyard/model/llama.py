@@ -112,7 +112,8 @@ class LlamaModel:
         self.cfg = cfg
         self.w = weights
         self.device = device
-        self.cos, self.sin = rope_tables(cfg, max_len, device)
+        # Computed in fp32, then cast to the model's dtype, as transformers does (a no-op in fp32).
+        self.cos, self.sin = (t.to(weights.embed.dtype) for t in rope_tables(cfg, max_len, device))
         self.scale = cfg.head_dim ** -0.5
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
