@@ -177,7 +177,6 @@ def test_half_precision_runs_on_cpu(tiny_llama_dir, dtype):
     """bf16/fp16 used to crash on the first step (the RoPE tables stayed fp32); the first greedy token agrees
     with transformers in the same dtype (later ones may differ by rounding order, so they are not compared)."""
     import torch
-
     from transformers import AutoModelForCausalLM
 
     llm = LLM(model=str(tiny_llama_dir), dtype=dtype, device="cpu", block_size=4, check_invariants=True)
