@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import re
 import signal
@@ -559,3 +560,15 @@ def test_tenant_label_values_are_printable_and_bounded():
     assert 'tenant="eve\\\\ud800"' in text and 'tokenyard_tenant_service_total{tenant="other"} 4.0' in text
     assert 'tokenyard_requests_total{finish_reason="stop",tenant="zed"}' in text   # second of 2 slots
     assert "carol" not in text and "bob" not in text
+
+
+def test_engine_flags_have_help_and_choices():
+    from tokenyard.config import EngineConfig
+
+    text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+    assert "EngineConfig." not in text and "(default: None)" not in text
+    for choices in ("{fcfs,priority,vtc,vtc+priority}", "{recompute,swap}", "{float32,bfloat16,float16}"):
+        assert choices in text
+    assert all(f.metadata.get("help") for f in dataclasses.fields(EngineConfig))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--preemption-mode", "teleport"])

@@ -17,6 +17,15 @@ from tokenyard.config import EngineConfig
 _T0 = time.perf_counter()
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where the help already says what "not given" means (a None default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 # --------------------------------------------------------------------------- engine flags
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """One flag per EngineConfig field: ``max_num_seqs`` -> ``--max-num-seqs``; bools get ``--no-...`` too."""
@@ -27,11 +36,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         tp = hints[f.name]
         args = typing.get_args(tp) if isinstance(tp, types.UnionType) else ()
         base = next((a for a in args if a is not type(None)), tp)
-        help_text = f"EngineConfig.{f.name}"
+        help_text = f.metadata.get("help") or f"EngineConfig.{f.name}"
         if base is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:
-            group.add_argument(flag, type=base, default=f.default, help=help_text)
+            group.add_argument(flag, type=base, default=f.default, help=help_text,
+                               choices=f.metadata.get("choices"))
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -127,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_Help)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None,
@@ -146,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, what in (("generate", "complete a prompt"), ("chat", "answer one chat message")):
         p = sub.add_parser(name, help=f"{what} and print the answer",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_Help)
         p.add_argument("text", help="the prompt" if name == "generate" else "the user message")
         p.add_argument("--max-tokens", type=int, default=128)
         p.add_argument("--temperature", type=float, default=0.7)

@@ -3,33 +3,42 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from tokenyard.sched.policies import POLICY_NAMES, check_policy_name
 
 
+def _opt(default, help: str, choices: tuple | None = None):
+    """A field with the help text (and choices) its CLI flag shows."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class EngineConfig:
-    model: str | None = None                 # HF directory or .gguf file; None: the bundled SmolLM2
-    max_num_batched_tokens: int = 512        # token budget of one step (Sarathi's chunk size)
-    max_num_seqs: int = 256                  # running requests at most
-    block_size: int = 16                     # tokens per KV block
-    num_kv_blocks: int | None = None         # device KV blocks; None: from kv_cache_memory_gb
-    kv_cache_memory_gb: float = 1.0
-    num_host_blocks: int | None = None       # host swap blocks; None: from swap_space_gb
-    swap_space_gb: float = 1.0
-    enable_prefix_caching: bool = True
-    preemption_mode: str = "recompute"       # "recompute" | "swap"
-    scheduling_policy: str = "fcfs"          # "fcfs" | "priority" | "vtc" | "vtc+priority"
-    tenant_weights: str | None = None        # VTC weights: "alice=2,bob=1" or a file of them; others weigh 1
-    vtc_w_p: float = 1.0                     # VTC service per prompt token
-    vtc_w_q: float = 2.0                     # VTC service per output token
-    max_model_len: int | None = None         # None: the model's context window
-    device: str | None = None                # None: cuda if available, else cpu
-    dtype: str = "float32"                   # "float32" | "bfloat16" | "float16"
-    num_threads: int | None = None           # torch CPU threads; None: torch's default
-    check_invariants: bool = False           # run the KV/scheduler integrity check after every step
+    model: str | None = _opt(None, "Hugging Face directory or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
+    max_num_batched_tokens: int = _opt(512, "token budget of one step, and so the prefill chunk size")
+    max_num_seqs: int = _opt(256, "running requests at most")
+    block_size: int = _opt(16, "tokens per KV block")
+    num_kv_blocks: int | None = _opt(None, "device KV blocks (default: as many as --kv-cache-memory-gb holds)")
+    kv_cache_memory_gb: float = _opt(1.0, "device memory for the KV cache, when --num-kv-blocks is not given")
+    num_host_blocks: int | None = _opt(None, "host swap blocks (default: as many as --swap-space-gb holds)")
+    swap_space_gb: float = _opt(1.0, "host memory for swapped-out KV (with --preemption-mode swap)")
+    enable_prefix_caching: bool = _opt(True, "reuse the KV of shared prompt prefixes")
+    preemption_mode: str = _opt("recompute", "what a preempted request loses: its KV (recompute) or its place "
+                                "on the device (swap to host)", ("recompute", "swap"))
+    scheduling_policy: str = _opt("fcfs", "whose turn it is: arrival order, priority, per-tenant fair share (VTC), "
+                                  "or priority bands with fair share inside", POLICY_NAMES)
+    tenant_weights: str | None = _opt(None, "VTC tenant weights: 'alice=2,bob=1', or a file of such pairs or a "
+                                      "JSON object; tenants not named weigh 1")
+    vtc_w_p: float = _opt(1.0, "VTC service per prompt token")
+    vtc_w_q: float = _opt(2.0, "VTC service per output token")
+    max_model_len: int | None = _opt(None, "context window (default: the model's)")
+    device: str | None = _opt(None, "cpu or cuda (default: cuda if available)")
+    dtype: str = _opt("float32", "weights and KV cache dtype (half precision is slow on CPUs without AMX)",
+                      ("float32", "bfloat16", "float16"))
+    num_threads: int | None = _opt(None, "torch CPU threads (default: torch's)")
+    check_invariants: bool = _opt(False, "run the scheduler/KV integrity check after every step (tests; slower)")
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "block_size"):
