@@ -76,3 +76,27 @@ def test_decode_layers_in_cpp_equal_the_python_loop(tiny_model_dir):
         results.append((model.forward(ids, pos, meta, k, v, rows), k, v))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_build_lock_clears_a_stale_torch_baton(tmp_path):
+    """A build killed mid-compile leaves torch's `lock` file; later starts must not wait on it forever."""
+    import subprocess
+    import sys
+
+    from tokenyard.model.paged_attention import build_lock
+
+    (tmp_path / "lock").write_text("")
+    with build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+    # While one process holds the build lock, another waits for it (and then finds no stale baton).
+    code = ("import sys, time; from pathlib import Path; from tokenyard.model.paged_attention import build_lock\n"
+            "with build_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(1.0)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    import time
+
+    t0 = time.monotonic()
+    with build_lock(tmp_path):
+        waited = time.monotonic() - t0
+    holder.wait(timeout=30)
+    assert waited > 0.3

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,8 @@ def gguf_to_hf_dir(path: Path) -> Path:
     if (out / "config.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"tokenyard: converting {path.name} to a Hugging Face directory under {out.parent} "
+          "(once; about half a minute on 2 cores) ...", file=sys.stderr, flush=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
     try:
         _convert_gguf(path, tmp)

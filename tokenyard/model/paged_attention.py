@@ -9,9 +9,13 @@ or with TOKENYARD_DISABLE_KERNELS=1, the fallback runs.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import platform
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,6 +36,25 @@ def _cpu_flags() -> list[str]:
     return ["-mavx2", "-mfma"] if " avx2" in info and " fma" in info else []
 
 
+@contextmanager
+def build_lock(build: Path) -> Iterator[None]:
+    """Hold tokenyard's own lock on the build directory (an flock: the OS drops it when its process dies).
+
+    torch's extension loader guards a build with a plain ``lock`` file that a killed build leaves behind,
+    and then every later start waits on it forever. Whoever holds this flock is the only tokenyard process
+    building here, so a ``lock`` file it finds is such a leftover and is removed."""
+    with open(build / ".tokenyard-build.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            stale = build / "lock"
+            if stale.exists():
+                log.warning("removing a stale kernel build lock left by an interrupted build: %s", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @lru_cache(maxsize=1)
 def load_kernel():
     """The compiled extension module, or None when it cannot be built here."""
@@ -45,8 +68,12 @@ def load_kernel():
         build = cache_root() / "kernels" / f"torch-{torch.__version__}"
         build.mkdir(parents=True, exist_ok=True)
         flags = ["-O3", "-fopenmp", "-ffp-contract=off", *_cpu_flags()]
-        return load(name="tokenyard_paged_attention", sources=[str(_SOURCE)], extra_cflags=flags,
-                    build_directory=str(build), verbose=False)
+        with build_lock(build):
+            if not any(build.glob("tokenyard_paged_attention*.so")):
+                print("tokenyard: compiling the paged-attention kernel (once; about a minute on 2 cores) ...",
+                      file=sys.stderr, flush=True)
+            return load(name="tokenyard_paged_attention", sources=[str(_SOURCE)], extra_cflags=flags,
+                        build_directory=str(build), verbose=False)
     except Exception as e:  # noqa: BLE001 - any build failure means: use the fallback
         log.warning("paged attention kernel unavailable (%s); using the PyTorch fallback", e)
         return None
