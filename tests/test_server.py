@@ -216,7 +216,8 @@ BAD = [  # path, body, status, param, code (None: not checked)
     (CHAT, {"model": "gpt-4o", "messages": MSG}, 404, "model", "model_not_found"),
     (COMP, {"model": "gpt-4o", "prompt": "w5"}, 404, "model", "model_not_found"),
     (COMP, {"prompt": "w5 " * MAX_BODY}, 413, None, "request_too_large"),
-    (CHAT, {"messages": MSG, "n": 17}, 503, None, None),   # more at once than --max-waiting
+    (COMP, {"prompt": [[5]] * 300}, 400, "prompt", None),   # more than --max-waiting: refused before expanding
+    (CHAT, {"messages": MSG, "n": 17}, 400, "n", None),    # more at once than --max-waiting: can never fit
 ]
 
 
@@ -256,7 +257,7 @@ def test_burst_of_bad_requests_and_disconnects_leaves_no_kv(tiny, client, model)
     aborted_before = sum(v for k, v in tiny.metrics().items() if 'finish_reason="abort"' in k)
 
     def bad(i: int) -> int:
-        return _post(tiny.url, *BAD[i % (len(BAD) - 1)][:2]).status_code  # all but the 503 case
+        return _post(tiny.url, *BAD[i % len(BAD)][:2]).status_code
 
     def disconnect_mid_stream(i: int) -> str:
         body = {"prompt": f"w{30 + i} w31", "max_tokens": 200, "stream": True, "ignore_eos": True}
@@ -334,6 +335,28 @@ def test_async_engine_close_and_shutdown_abort(tiny_llama_dir):
         assert s["kv_blocks_used"] == 0 and s["num_inflight"] == 0 and s["num_pending"] == 0
         with pytest.raises(EngineUnavailableError):
             await engine.add_request("w5", long)
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_more_waiting_than_max_waiting_is_queue_full(tiny_llama_dir):
+    """The 503 path: a call that could fit, but not now (the loop is not even started here, so nothing drains)."""
+    import asyncio
+
+    from tokenyard.engine.async_engine import AsyncEngine, QueueFullError
+    from tokenyard.engine.llm_engine import LLMEngine
+    from tokenyard.sampling_params import SamplingParams
+    from tokenyard.server.errors import from_exception
+
+    async def scenario() -> None:
+        engine = AsyncEngine(LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, block_size=4)),
+                             max_waiting=1)
+        first = asyncio.ensure_future(engine.add_request("w5", SamplingParams(max_tokens=2)))
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFullError) as e:
+            await engine.add_request("w6", SamplingParams(max_tokens=2))
+        assert from_exception(e.value).status == 503
+        first.cancel()
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
 

@@ -122,6 +122,7 @@ class OpenAIServing:
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         arrival = time.monotonic()
         self._check_common(req)
+        self._check_fits_at_all(1, req.n)
         messages = [m.as_template_input() for m in req.messages]
         ids = await asyncio.to_thread(self.tokenizer.apply_chat_template, messages)
         job = await self._start("chat", req, [ids], req.output_limit, req.num_logprobs, arrival)
@@ -132,7 +133,9 @@ class OpenAIServing:
     async def completions(self, req: CompletionRequest, raw: Request) -> Response:
         arrival = time.monotonic()
         self._check_common(req)
-        prompts = [await self._tokenize(p) for p in req.prompts()]
+        raw_prompts = req.prompts()
+        self._check_fits_at_all(len(raw_prompts), req.n)   # before any tokenizing: a huge batch costs nothing
+        prompts = [await self._tokenize(p) for p in raw_prompts]
         job = await self._start("completion", req, prompts, req.output_limit, req.num_logprobs, arrival)
         if req.stream:
             return self._sse(job, self._completion_chunks(job))
@@ -146,6 +149,15 @@ class OpenAIServing:
         req.check_supported()
         if req.priority != 0:
             self._check_priority_used()
+
+    def _check_fits_at_all(self, num_prompts: int, n: int) -> None:
+        """A call with more choices than may ever wait at once can never be taken: 400, not a 503 to retry."""
+        limit = self.engine.max_waiting
+        if num_prompts * n > limit:
+            param = "n" if num_prompts == 1 else "prompt"
+            raise APIError(400, f"this call asks for {num_prompts} prompt(s) x n={n} = {num_prompts * n} "
+                                f"generations; the server takes at most {limit} at once (--max-waiting)",
+                           param=param)
 
     async def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
