@@ -131,3 +131,30 @@ def test_request_larger_than_pool_is_rejected_without_state_change():
         raise AssertionError("expected ValueError")
     assert not sched.has_unfinished_requests()
     sched.check_invariants()
+
+
+def test_cache_salt_scopes_prefix_hits():
+    kv = KVCacheManager(64, 4, 0, True)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), kv)
+    prompt = list(range(3, 19))
+    sched.add_request(Request("a", prompt, 1, arrival_time=0.0, cache_salt="tenant-a"))
+    sched.update_from_output(sched.schedule(), {"a": 5})
+    starts = {}
+    for rid, salt in (("other-salt", "tenant-b"), ("no-salt", None), ("same-salt", "tenant-a")):
+        sched.add_request(Request(rid, prompt, 1, arrival_time=1.0, cache_salt=salt))
+        out = sched.schedule()
+        starts[rid] = out.chunks[0].start_pos
+        sched.update_from_output(out, {rid: 5})
+        sched.check_invariants()
+    assert starts == {"other-salt": 0, "no-salt": 0, "same-salt": 12}
+
+
+def test_block_hashes_are_128_bit_digests_that_chain():
+    from tokenyard.kv.hashing import extend_block_hashes, root_hash
+
+    a, b = [], []
+    extend_block_hashes(a, [1, 2, 3, 4, 5, 6, 7, 8], 4)
+    extend_block_hashes(b, [9, 9, 9, 9, 5, 6, 7, 8], 4)
+    assert all(isinstance(h, bytes) and len(h) == 16 for h in a)
+    assert a[1] != b[1], "the second block's hash covers the first block too"
+    assert root_hash("x") != root_hash(None) == root_hash("")

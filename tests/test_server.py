@@ -165,6 +165,15 @@ def test_stop_strings(client, model):
     assert texts == {0: cut.text} and reasons == {0: "stop"}
 
 
+def test_cache_salt_keeps_prompts_out_of_other_salts_cache(client, model):
+    prompt = " ".join(f"w{30 + i}" for i in range(40))
+    def cached(**extra) -> int:
+        r = client.completions.create(model=model, prompt=prompt, max_tokens=1, extra_body=extra)
+        return r.usage.prompt_tokens_details.cached_tokens
+    cached(cache_salt="alice")
+    assert cached(cache_salt="mallory") == 0 and cached() == 0 and cached(cache_salt="alice") > 0
+
+
 def test_user_accepted_and_priority_refused_under_fcfs(tiny, client, model):
     r = client.chat.completions.create(model=model, messages=MSG, max_tokens=2, user="alice",
                                        extra_body={"priority": 0, "top_k": 5})

@@ -61,6 +61,7 @@ class _Add:
     params: SamplingParams
     priority: int
     tenant: str
+    cache_salt: str | None
     stream: _Stream
     done: Callable[[BaseException | None], None] = field(repr=False)
 
@@ -170,10 +171,11 @@ class AsyncEngine:
         priority: int = 0,
         tenant: str = "default",
         request_id: str | None = None,
+        cache_salt: str | None = None,
     ) -> RequestStream:
         """Queue a request; returns once the engine took it. Validation errors are raised here."""
         return (await self.add_requests([(prompt, params or SamplingParams())], priority=priority, tenant=tenant,
-                                        request_ids=[request_id] if request_id else None))[0]
+                                        request_ids=[request_id] if request_id else None, cache_salt=cache_salt))[0]
 
     async def add_requests(
         self,
@@ -182,6 +184,7 @@ class AsyncEngine:
         priority: int = 0,
         tenant: str = "default",
         request_ids: list[str] | None = None,
+        cache_salt: str | None = None,
     ) -> list[RequestStream]:
         """Queue several requests all or nothing (``n`` choices of one API call)."""
         loop = asyncio.get_running_loop()
@@ -191,7 +194,7 @@ class AsyncEngine:
         for rid, (prompt, params) in zip(ids, items, strict=True):
             fut = loop.create_future()
             stream = _Stream(loop, asyncio.Queue(), max((len(s) for s in params.stop), default=1) - 1)
-            adds.append(_Add(rid, prompt, params, priority, tenant, stream, _resolver(loop, fut)))
+            adds.append(_Add(rid, prompt, params, priority, tenant, cache_salt, stream, _resolver(loop, fut)))
             results.append(fut)
         with self._cv:
             self._check_accepting()
@@ -217,9 +220,11 @@ class AsyncEngine:
         priority: int = 0,
         tenant: str = "default",
         request_id: str | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream one request's output deltas; closing or cancelling the iterator aborts the request."""
-        stream = await self.add_request(prompt, params, priority=priority, tenant=tenant, request_id=request_id)
+        stream = await self.add_request(prompt, params, priority=priority, tenant=tenant, request_id=request_id,
+                                        cache_salt=cache_salt)
         try:
             async for out in stream:
                 yield out
@@ -329,7 +334,7 @@ class AsyncEngine:
                 if self._dead is not None:
                     raise EngineUnavailableError(f"the engine loop died: {self._dead!r}")
                 self.engine.add_request(a.prompt, a.params, request_id=a.request_id, priority=a.priority,
-                                        tenant=a.tenant)
+                                        tenant=a.tenant, cache_salt=a.cache_salt)
             except Exception as e:  # noqa: BLE001 - handed to the caller, who raises it
                 with self._cv:
                     self._num_waiting -= 1

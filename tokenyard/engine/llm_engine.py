@@ -136,8 +136,11 @@ class LLMEngine:
         priority: int = 0,
         tenant: str = "default",
         arrival_time: float | None = None,
+        cache_salt: str | None = None,
     ) -> str:
-        """Validate and queue a request. Raises ValueError before any state changes."""
+        """Validate and queue a request. Raises ValueError before any state changes.
+
+        ``cache_salt``: only requests with the same salt share prefix-cache blocks (a tenant's privacy)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidParameterError("sampling_params", "sampling_params must be a SamplingParams")
@@ -145,6 +148,8 @@ class LLMEngine:
             raise InvalidParameterError("priority", f"priority must be an integer, got {priority!r}")
         if not isinstance(tenant, str) or not tenant:
             raise InvalidParameterError("tenant", f"tenant must be a non-empty string, got {tenant!r}")
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise InvalidParameterError("cache_salt", f"cache_salt must be a non-empty string, got {cache_salt!r}")
         ids = self.tokenize_prompt(prompt)
         if len(ids) + params.max_tokens > self.max_model_len:
             raise InvalidParameterError(
@@ -167,6 +172,7 @@ class LLMEngine:
             tenant=tenant,
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
             max_model_len=self.max_model_len,
+            cache_salt=cache_salt,
         )
         out = RequestOutput(request_id=rid, prompt_token_ids=ids, logprobs=[] if params.logprobs is not None else None)
         out.metrics["arrival_time"] = req.arrival_time

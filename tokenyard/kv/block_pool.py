@@ -19,7 +19,7 @@ from tokenyard.invariants import require
 class Block:
     block_id: int
     ref_cnt: int = 0
-    block_hash: int | None = None
+    block_hash: bytes | None = None
 
 
 class BlockPool:
@@ -31,7 +31,7 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Ordered by the time the block was freed: the head is evicted first.
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self._cached: dict[int, Block] = {}
+        self._cached: dict[bytes, Block] = {}
         self.num_evictions = 0
 
     @property
@@ -42,7 +42,7 @@ class BlockPool:
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self._free)
 
-    def get_cached_block(self, block_hash: int) -> Block | None:
+    def get_cached_block(self, block_hash: bytes) -> Block | None:
         return self._cached.get(block_hash) if self.enable_caching else None
 
     def allocate(self, n: int) -> list[Block]:
@@ -78,7 +78,7 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self._free[block.block_id] = None
 
-    def cache(self, block: Block, block_hash: int) -> None:
+    def cache(self, block: Block, block_hash: bytes) -> None:
         """Register a full block under its chained hash (the first block with a hash keeps it)."""
         if not self.enable_caching or block.block_hash is not None:
             return

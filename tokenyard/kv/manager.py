@@ -10,7 +10,7 @@ from collections import Counter
 
 from tokenyard.invariants import require
 from tokenyard.kv.block_pool import Block, BlockPool, HostBlockPool
-from tokenyard.kv.hashing import extend_block_hashes
+from tokenyard.kv.hashing import BlockHash, extend_block_hashes
 
 
 def cdiv(a: int, b: int) -> int:
@@ -33,7 +33,7 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.req_blocks: dict[str, list[Block]] = {}
         self.host_blocks: dict[str, list[int]] = {}
-        self._hashes: dict[str, list[int]] = {}
+        self._hashes: dict[str, list[BlockHash]] = {}
         self._num_cached: dict[str, int] = {}
         # Host blocks a swap-in read this step: released when the step's decisions are final (end_step), so a
         # swap-out decided later in the same step cannot overwrite them before the runner copies them in.
@@ -43,12 +43,13 @@ class KVCacheManager:
         self.prefix_hits = 0
 
     # ----------------------------------------------------------------- prefix cache
-    def get_computed_blocks(self, req_id: str, token_ids: list[int]) -> tuple[list[Block], int]:
+    def get_computed_blocks(self, req_id: str, token_ids: list[int],
+                            salt: str | None = None) -> tuple[list[Block], int]:
         """Cached blocks covering a prefix of ``token_ids``; never the last token (it must run for logits)."""
         if not self.enable_prefix_caching:
             return [], 0
         hashes = self._hashes.setdefault(req_id, [])
-        extend_block_hashes(hashes, token_ids, self.block_size)
+        extend_block_hashes(hashes, token_ids, self.block_size, salt)
         max_blocks = (len(token_ids) - 1) // self.block_size
         hits: list[Block] = []
         for h in hashes[:max_blocks]:
@@ -64,7 +65,8 @@ class KVCacheManager:
             self.prefix_queries += num_tokens
             self.prefix_hits += num_hit_tokens
 
-    def cache_full_blocks(self, req_id: str, token_ids: list[int], num_computed: int) -> None:
+    def cache_full_blocks(self, req_id: str, token_ids: list[int], num_computed: int,
+                          salt: str | None = None) -> None:
         """Register blocks whose every token now has KV in the cache."""
         if not self.enable_prefix_caching:
             return
@@ -76,7 +78,7 @@ class KVCacheManager:
         if n_full <= start:
             return
         hashes = self._hashes.setdefault(req_id, [])
-        extend_block_hashes(hashes, token_ids, self.block_size)
+        extend_block_hashes(hashes, token_ids, self.block_size, salt)
         for i in range(start, n_full):
             self.pool.cache(blocks[i], hashes[i])
         self._num_cached[req_id] = n_full

@@ -34,6 +34,7 @@ class Request:
     tenant: str = "default"
     arrival_time: float = field(default_factory=time.monotonic)
     max_model_len: int | None = None   # finish with "length" when the sequence reaches it
+    cache_salt: str | None = None      # only requests with the same salt share prefix-cache blocks
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

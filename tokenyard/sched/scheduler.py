@@ -179,7 +179,7 @@ class Scheduler:
             return False
         swapped = req.status is RequestStatus.SWAPPED
         hits, num_computed = ([], req.num_computed_tokens) if swapped else \
-            self.kv.get_computed_blocks(req.request_id, req.all_token_ids)
+            self.kv.get_computed_blocks(req.request_id, req.all_token_ids, req.cache_salt)
         n = min(req.num_tokens - num_computed, st.budget)
         if not self._fits(req, num_computed + n, hits):
             plan = self._preemption_plan(st, req, num_computed + n, hits)
@@ -290,7 +290,7 @@ class Scheduler:
             if req is None or req.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             req.num_computed_tokens += chunk.num_tokens
-            self.kv.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            self.kv.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens, req.cache_salt)
             if chunk.sample:
                 req.append_output_token(sampled[req.request_id])
                 touched.append(req)

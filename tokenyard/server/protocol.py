@@ -53,6 +53,7 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = False                              # extension
     priority: int = Field(0, ge=-(2**31), lt=2**31, strict=True)   # extension: lower is more urgent
     user: str | None = None                               # becomes the tenant
+    cache_salt: str | None = Field(None, min_length=1, max_length=1024)   # extension (vLLM's): prefix-cache scope
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None

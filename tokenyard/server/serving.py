@@ -205,7 +205,7 @@ class OpenAIServing:
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         job_id = f"{prefix}-{uuid.uuid4().hex}"
         streams = await self.engine.add_requests(
-            items, priority=req.priority, tenant=req.tenant,
+            items, priority=req.priority, tenant=req.tenant, cache_salt=req.cache_salt,
             request_ids=[f"{job_id}-{k}" for k in range(len(items))],
         )
         choices = [_Choice(self.metrics.tracker(req.tenant, arrival)) for _ in items]
