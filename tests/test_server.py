@@ -434,9 +434,9 @@ def bundled(tmp_path_factory):
     server.stop()
 
 
-def test_api_key_required_on_v1_only(bundled):
-    for path in ("/v1/models", CHAT):
-        assert httpx.get(f"{bundled.url}{path}").status_code == 401
+def test_api_key_required_everywhere_but_health(bundled):
+    for path in ("/v1/models", CHAT, "/metrics", "/docs", "/openapi.json", "/redoc"):
+        assert httpx.get(f"{bundled.url}{path}").status_code == 401, path
     no_key = _post(bundled.url, CHAT, {"messages": MSG})
     wrong = _post(bundled.url, CHAT, {"messages": MSG}, {"Authorization": "Bearer nope"})
     for r in (no_key, wrong):
@@ -444,7 +444,7 @@ def test_api_key_required_on_v1_only(bundled):
     ok = httpx.get(f"{bundled.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
     assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "SmolLM2-135M-Instruct"
     assert httpx.get(f"{bundled.url}/health").status_code == 200
-    assert httpx.get(f"{bundled.url}/metrics").status_code == 200
+    assert httpx.get(f"{bundled.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{bundled.url}/v1", api_key="wrong", max_retries=0).models.list()
 

@@ -9,6 +9,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenyard.server.errors import error_body
 
+OPEN_PATHS = frozenset({"/health"})
+
 
 async def _send_error(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
     payload = json.dumps(body).encode()
@@ -22,14 +24,15 @@ async def _send_error(send: Send, status: int, body: dict, headers: list[tuple[b
 
 
 class APIKeyMiddleware:
-    """Every ``/v1/`` route needs ``Authorization: Bearer <key>``; /health and /metrics stay open."""
+    """Every route but ``/health`` needs ``Authorization: Bearer <key>``: the API, and also ``/metrics`` (it
+    names tenants) and the OpenAPI pages. Liveness probes keep working without the key."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 msg = ("Incorrect API key provided." if given else
