@@ -29,6 +29,12 @@ def llm(tiny_llama_dir):
         (dict(seed=-(2**63) - 1), "seed"),
         (dict(seed=1.5), "seed"),
         (dict(seed=True), "seed"),
+        (dict(presence_penalty=2.5), "presence_penalty"),
+        (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+        (dict(repetition_penalty=0), "repetition_penalty"),
+        (dict(min_p=1.5), "min_p"),
+        (dict(logit_bias={5: 101}), "logit_bias"),
+        (dict(logit_bias={-1: 1}), "logit_bias"),
     ],
 )
 def test_bad_sampling_params(kwargs, param):
@@ -64,6 +70,13 @@ def test_max_tokens_beyond_the_context_window_is_refused_not_clamped(llm):
     with pytest.raises(ValueError, match="max_tokens") as e:
         llm.generate([[5, 6], [5, 6, 7]], SamplingParams(max_tokens=room + 1))
     assert f"at most {room}" in str(e.value)
+    _assert_untouched(llm)
+
+
+def test_logit_bias_outside_vocabulary(llm):
+    with pytest.raises(InvalidParameterError) as e:
+        llm.generate([[5, 6]], SamplingParams(max_tokens=2, logit_bias={10**6: 1.0}))
+    assert e.value.param == "logit_bias"
     _assert_untouched(llm)
 
 
@@ -105,7 +118,7 @@ def test_add_request_refused_by_scheduler_leaves_no_state(tiny_llama_dir):
 def test_add_request_failing_in_runner_leaves_no_state(llm, monkeypatch):
     engine = llm.engine
 
-    def boom(rid, params, stop_token_ids=()):
+    def boom(rid, params, stop_token_ids=(), prompt_token_ids=None):
         raise RuntimeError("no sample state today")
 
     monkeypatch.setattr(engine.runner, "add_request", boom)

@@ -161,3 +161,57 @@ def test_sampler_masks_stop_ids_per_row():
         assert tokens[1] == 2
         assert (tokens[0] != 2) if step < 2 else (tokens[0] == 2)
     assert logits[0, 2] == 5.0                             # the caller's logits are left alone
+
+
+def _state(**kw):
+    vocab = kw.pop("vocab", 4)
+    prompt = kw.pop("prompt", None)
+    return sampler.make_sample_state(SamplingParams(max_tokens=8, **kw), torch.device("cpu"), (), prompt, vocab)
+
+
+def test_logit_bias_forces_and_bans_tokens():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert sampler.sample(logits, [_state(temperature=0, logit_bias={3: 100.0})])[0] == [3]
+    assert sampler.sample(logits, [_state(temperature=0, logit_bias={0: -100.0})])[0] == [1]
+    draws = {sampler.sample(logits, [_state(temperature=1.0, seed=s, logit_bias={0: -100, 1: -100, 2: -100})])[0][0]
+             for s in range(20)}
+    assert draws == {3}
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
+    logits = torch.tensor([[5.0, 3.0, -1.0, -2.0]])
+    st = _state(temperature=0, repetition_penalty=10.0, prompt=[0, 3])
+    row = logits[0].clone()
+    st.process(row)
+    assert row.tolist() == [0.5, 3.0, -1.0, -20.0]
+    assert sampler.sample(logits, [st])[0] == [1]
+
+
+def test_frequency_and_presence_penalties_follow_the_generated_counts():
+    logits = torch.tensor([[1.0, 0.9, 0.0, 0.0]])
+    freq = _state(temperature=0, frequency_penalty=0.5)
+    assert [sampler.sample(logits, [freq])[0][0] for _ in range(4)] == [0, 1, 0, 1]
+    row = logits[0].clone()
+    freq.process(row)                                  # 0 and 1 generated twice each: -2 * 0.5
+    assert row.tolist() == pytest.approx([0.0, -0.1, 0.0, 0.0])
+    pres = _state(temperature=0, presence_penalty=2.0)
+    assert [sampler.sample(logits, [pres])[0][0] for _ in range(3)] == [0, 1, 2]
+
+
+def test_min_p_drops_unlikely_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 1e-9]]))
+    seen_07 = {sampler.sample(logits, [_state(temperature=1.0, seed=s, min_p=0.7)])[0][0] for s in range(30)}
+    seen_05 = {sampler.sample(logits, [_state(temperature=1.0, seed=s, min_p=0.5)])[0][0] for s in range(60)}
+    assert seen_07 == {0} and seen_05 == {0, 1}
+
+
+def test_penalized_seeded_runs_are_reproducible_whatever_the_batch(llm):
+    p = SamplingParams(max_tokens=10, temperature=0.9, seed=7, ignore_eos=True, presence_penalty=0.5,
+                       frequency_penalty=0.3, repetition_penalty=1.3, min_p=0.05, logit_bias={5: 3.0})
+    alone = llm.generate(["w10 w11 w12"], p)[0].token_ids
+    other = SamplingParams(max_tokens=10, temperature=1.0, ignore_eos=True)
+    assert llm.generate(["w3 w4", "w10 w11 w12"], [other, p])[1].token_ids == alone
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, frequency_penalty=2.0)
+    out = llm.generate(["w10 w11 w12"], greedy)[0].token_ids
+    plain = llm.generate(["w10 w11 w12"], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].token_ids
+    assert out != plain or len(set(plain)) == len(plain)

@@ -165,6 +165,16 @@ def test_stop_strings(client, model):
     assert texts == {0: cut.text} and reasons == {0: "stop"}
 
 
+def test_sampling_knobs_are_honoured(client, model):
+    kw = dict(model=model, prompt="w40 w41 w42", max_tokens=6, temperature=0)
+    plain = client.completions.create(**kw).choices[0]
+    forced = client.completions.create(**kw, logit_bias={"77": 100}).choices[0]
+    assert forced.text.split() == ["w77"] * 6 and forced.text != plain.text
+    varied = client.completions.create(**kw, frequency_penalty=2.0, logit_bias={"77": 1.5},
+                                       extra_body={"repetition_penalty": 1.2, "min_p": 0.1}).choices[0]
+    assert varied.finish_reason in ("length", "stop")
+
+
 def test_cache_salt_keeps_prompts_out_of_other_salts_cache(client, model):
     prompt = " ".join(f"w{30 + i}" for i in range(40))
     def cached(**extra) -> int:
@@ -213,6 +223,12 @@ BAD = [  # path, body, status, param, code (None: not checked)
     (CHAT, {"messages": MSG, "top_p": 0}, 400, "top_p", None),
     (CHAT, {"messages": MSG, "n": 0}, 400, "n", None),
     (CHAT, {"messages": MSG, "priority": "high"}, 400, "priority", None),
+    (CHAT, {"messages": MSG, "presence_penalty": 3}, 400, "presence_penalty", None),
+    (CHAT, {"messages": MSG, "logit_bias": {"abc": 1}}, 400, "logit_bias", None),
+    (CHAT, {"messages": MSG, "logit_bias": {"5": 200}}, 400, "logit_bias", None),
+    (CHAT, {"messages": MSG, "repetition_penalty": 0}, 400, "repetition_penalty", None),
+    (CHAT, {"messages": MSG, "mystery_knob": 1}, 400, "mystery_knob", None),
+    (COMP, {"prompt": "w5", "functions": []}, 400, "functions", None),
     (CHAT, {"messages": MSG, "priority": 2**40}, 400, "priority", None),
     (CHAT, {"messages": MSG, "stop": [""]}, 400, "stop", None),
     (CHAT, {"messages": MSG, "stream_options": {"include_usage": True}}, 400, "stream_options", None),

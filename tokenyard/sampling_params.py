@@ -24,6 +24,11 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None     # None: none; k >= 0: chosen token's logprob plus the top k
     skip_special_tokens: bool = True
+    presence_penalty: float = 0.0   # OpenAI's: minus this on every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times how often a token was generated
+    repetition_penalty: float = 1.0  # vLLM's (CTRL's): tokens in the prompt or output: logit / r if > 0, * r if < 0
+    min_p: float = 0.0              # drop tokens less likely than min_p times the likeliest one
+    logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit, in [-100, 100]
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -48,6 +53,23 @@ class SamplingParams:
                "min_tokens", f"must be in [0, max_tokens], got {self.min_tokens!r}")
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
                "logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            _check(_is_number(v) and -2 <= v <= 2, name, f"must be in [-2, 2], got {v!r}")
+        _check(_is_number(self.repetition_penalty) and 0 < self.repetition_penalty <= 100,
+               "repetition_penalty", f"must be in (0, 100], got {self.repetition_penalty!r}")
+        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}")
+        self.logit_bias = dict(self.logit_bias or {})
+        _check(all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 and _is_number(b) and -100 <= b <= 100
+                   for t, b in self.logit_bias.items()),
+               "logit_bias", "must map token ids (integers >= 0) to numbers in [-100, 100]")
+        _check(len(self.logit_bias) <= 1024, "logit_bias", "may name at most 1024 tokens")
+
+    @property
+    def penalized(self) -> bool:
+        """Do the logits need per-request processing beyond temperature/top-k/top-p/min-p?"""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
     @property
     def greedy(self) -> bool:

@@ -151,6 +151,11 @@ class LLMEngine:
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise InvalidParameterError("cache_salt", f"cache_salt must be a non-empty string, got {cache_salt!r}")
         ids = self.tokenize_prompt(prompt)
+        vocab = self.model_config.vocab_size
+        bad = [t for t in params.logit_bias if t >= vocab]
+        if bad:
+            raise InvalidParameterError("logit_bias", f"logit_bias names token id {bad[0]}, outside the "
+                                                      f"vocabulary [0, {vocab})")
         if len(ids) + params.max_tokens > self.max_model_len:
             raise InvalidParameterError(
                 "max_tokens", f"the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}, but the "
@@ -183,7 +188,7 @@ class LLMEngine:
         # Everything that can fail runs before the scheduler owns the request; undo the runner's part if the
         # scheduler refuses (e.g. a request that can never fit the pool), so a failure leaves nothing behind.
         stop_for_min = tuple(sorted(t for t in stop_ids if 0 <= t < self.model_config.vocab_size))
-        self.runner.add_request(rid, params, stop_for_min if params.min_tokens else ())
+        self.runner.add_request(rid, params, stop_for_min if params.min_tokens else (), ids)
         try:
             self.scheduler.add_request(req)
         except BaseException:

@@ -44,8 +44,10 @@ class ModelRunner:
         elem = torch.tensor([], dtype=dtype).element_size()
         return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
 
-    def add_request(self, request_id: str, params: SamplingParams, stop_token_ids: tuple[int, ...] = ()) -> None:
-        self.states[request_id] = make_sample_state(params, self.device, stop_token_ids)
+    def add_request(self, request_id: str, params: SamplingParams, stop_token_ids: tuple[int, ...] = (),
+                    prompt_token_ids: list[int] | None = None) -> None:
+        self.states[request_id] = make_sample_state(params, self.device, stop_token_ids, prompt_token_ids,
+                                                    self.cfg.vocab_size)
 
     def remove_requests(self, request_ids: list[str]) -> None:
         for rid in request_ids:

@@ -1,4 +1,5 @@
-"""Next-token choice: greedy, temperature, top-k, top-p, per-request seeds, logprobs."""
+"""Next-token choice: greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs; and per-request logit
+processing first: logit_bias, repetition/presence/frequency penalties, stop tokens masked until min_tokens."""
 
 from __future__ import annotations
 
@@ -21,22 +22,65 @@ class SampleState:
     error: str | None = None           # why sampling this request failed (its token is then SAMPLE_FAILED)
     stop_token_ids: tuple[int, ...] = ()  # masked out until min_tokens tokens were sampled
     num_sampled: int = 0
+    output_counts: torch.Tensor | None = None  # [V] how often each token was generated (presence/frequency)
+    seen: torch.Tensor | None = None           # [V] bool: in the prompt or generated (repetition penalty)
+    bias_ids: torch.Tensor | None = None
+    bias_values: torch.Tensor | None = None
 
     @property
     def masks_stops(self) -> bool:
         return self.num_sampled < self.params.min_tokens and bool(self.stop_token_ids)
 
+    @property
+    def processes_logits(self) -> bool:
+        return self.params.penalized or self.masks_stops
 
-def make_sample_state(params: SamplingParams, device: torch.device,
-                      stop_token_ids: tuple[int, ...] = ()) -> SampleState:
+    def record(self, token: int) -> None:
+        self.num_sampled += 1
+        if self.output_counts is not None:
+            self.output_counts[token] += 1
+        if self.seen is not None:
+            self.seen[token] = True
+
+    def process(self, row: torch.Tensor) -> None:
+        """Apply this request's logit processing to its row of logits, in place."""
+        p = self.params
+        if self.bias_ids is not None:
+            row.index_add_(0, self.bias_ids, self.bias_values.to(row.dtype))
+        if self.seen is not None:
+            r = p.repetition_penalty
+            picked = row[self.seen]
+            row[self.seen] = torch.where(picked > 0, picked / r, picked * r)
+        if self.output_counts is not None:
+            row -= p.frequency_penalty * self.output_counts + p.presence_penalty * (self.output_counts > 0)
+        if self.masks_stops:
+            row[list(self.stop_token_ids)] = float("-inf")
+
+
+def make_sample_state(params: SamplingParams, device: torch.device, stop_token_ids: tuple[int, ...] = (),
+                      prompt_token_ids: list[int] | None = None, vocab_size: int | None = None) -> SampleState:
     """``stop_token_ids``: the tokens that would end the request (EOS unless ignore_eos, and the stop ids);
-    they cannot be sampled before ``params.min_tokens`` tokens, as in vLLM."""
-    if params.greedy:
-        return SampleState(params, None, stop_token_ids=stop_token_ids)
-    g = torch.Generator(device=device)
-    # A request's own generator makes its draws independent of whatever else is in the batch.
-    g.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
-    return SampleState(params, g, stop_token_ids=stop_token_ids)
+    they cannot be sampled before ``params.min_tokens`` tokens, as in vLLM. The penalties need the prompt
+    and the vocabulary size."""
+    generator = None
+    if not params.greedy:
+        generator = torch.Generator(device=device)
+        # A request's own generator makes its draws independent of whatever else is in the batch.
+        generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+    state = SampleState(params, generator, stop_token_ids=stop_token_ids)
+    if params.penalized:
+        if vocab_size is None:
+            raise ValueError("penalties need the vocabulary size")
+        if params.presence_penalty or params.frequency_penalty:
+            state.output_counts = torch.zeros(vocab_size, device=device)
+        if params.repetition_penalty != 1.0:
+            state.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            if prompt_token_ids:
+                state.seen[torch.tensor(prompt_token_ids, device=device)] = True
+        if params.logit_bias:
+            state.bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=device)
+            state.bias_values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=device)
+    return state
 
 
 def sample(logits: torch.Tensor, states: list[SampleState]) -> tuple[list[int], list[TokenLogprob | None]]:
@@ -45,11 +89,11 @@ def sample(logits: torch.Tensor, states: list[SampleState]) -> tuple[list[int], 
     A failure in one request's row (e.g. non-finite probabilities) does not fail the batch: that request gets
     the token ``SAMPLE_FAILED``, no logprobs, and the reason in its state's ``error``.
     """
-    masked = [i for i, s in enumerate(states) if s.masks_stops]
-    if masked:
+    processed = [i for i, s in enumerate(states) if s.processes_logits]
+    if processed:
         logits = logits.clone()
-        for i in masked:
-            logits[i, list(states[i].stop_token_ids)] = float("-inf")
+        for i in processed:
+            states[i].process(logits[i])
     greedy_rows = [i for i, s in enumerate(states) if s.generator is None]
     tokens: list[int] = [0] * len(states)
     if len(greedy_rows) == len(states):
@@ -68,7 +112,7 @@ def sample(logits: torch.Tensor, states: list[SampleState]) -> tuple[list[int], 
                     tokens[i] = SAMPLE_FAILED
     for s, t in zip(states, tokens):
         if t != SAMPLE_FAILED:
-            s.num_sampled += 1
+            s.record(t)
     logprobs: list[TokenLogprob | None] = [None] * len(states)
     want = [i for i, s in enumerate(states) if s.params.logprobs is not None and tokens[i] != SAMPLE_FAILED]
     if want:
@@ -97,6 +141,9 @@ def _sample_row(row: torch.Tensor, s: SampleState) -> int:
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         row = torch.full_like(row, float("-inf")).scatter(0, order, sorted_logits)
     probs = row.softmax(-1)
+    if p.min_p > 0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        probs = probs / probs.sum()
     # NaN/inf logits (or nothing left to pick) make softmax non-finite. Check before multinomial: on CPU it
     # would raise anyway, but on CUDA it trips a device-side assert that takes the whole process down.
     if not bool(torch.isfinite(probs).all()):

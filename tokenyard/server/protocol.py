@@ -35,9 +35,10 @@ class ChatMessage(BaseModel):
 
 
 class _SamplingFields(BaseModel):
-    """What chat and completion requests share."""
+    """What chat and completion requests share. A field the server does not know is refused (400 naming it),
+    never silently dropped."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     n: int = Field(1, ge=1, le=128)
@@ -56,7 +57,9 @@ class _SamplingFields(BaseModel):
     cache_salt: str | None = Field(None, min_length=1, max_length=1024)   # extension (vLLM's): prefix-cache scope
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None            # token id (as a string, OpenAI's way) -> [-100, 100]
+    repetition_penalty: float | None = Field(None, gt=0, le=100)   # extension (vLLM's)
+    min_p: float | None = Field(None, ge=0, le=1)                   # extension (vLLM's)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -66,13 +69,18 @@ class _SamplingFields(BaseModel):
             raise InvalidParameterError("stop", "stop strings must not be empty")
         return stops
 
+    def logit_bias_ids(self) -> dict[int, float]:
+        out = {}
+        for key, bias in (self.logit_bias or {}).items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise InvalidParameterError("logit_bias", f"logit_bias keys are token ids; got {key!r}") from None
+            out[token] = bias
+        return out
+
     def check_supported(self) -> None:
         """Reject OpenAI parameters the engine cannot honour, instead of silently ignoring them."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise InvalidParameterError(name, f"{name} is not supported; use 0 or leave it out")
-        if self.logit_bias:
-            raise InvalidParameterError("logit_bias", "logit_bias is not supported")
         if self.stream_options is not None and not self.stream:
             raise InvalidParameterError("stream_options", "stream_options is only allowed when stream is true")
 

@@ -187,6 +187,7 @@ class OpenAIServing:
     async def _start(self, kind: str, req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]],
                      requested: int | None, num_logprobs: int | None, arrival: float) -> _Job:
         stops = req.stop_list()
+        bias = req.logit_bias_ids()
         items = []
         for ids in prompts:
             max_tokens = self._max_tokens(kind, len(ids), requested)
@@ -201,6 +202,11 @@ class OpenAIServing:
                     ignore_eos=req.ignore_eos,
                     min_tokens=min(req.min_tokens, max_tokens),
                     logprobs=num_logprobs,
+                    presence_penalty=req.presence_penalty or 0.0,
+                    frequency_penalty=req.frequency_penalty or 0.0,
+                    repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                    min_p=req.min_p or 0.0,
+                    logit_bias=bias,
                 )))
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         job_id = f"{prefix}-{uuid.uuid4().hex}"
