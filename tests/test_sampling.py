@@ -215,3 +215,9 @@ def test_penalized_seeded_runs_are_reproducible_whatever_the_batch(llm):
     out = llm.generate(["w10 w11 w12"], greedy)[0].token_ids
     plain = llm.generate(["w10 w11 w12"], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].token_ids
     assert out != plain or len(set(plain)) == len(plain)
+
+
+def test_top_p_below_float32_resolution_keeps_the_best_token():
+    logits = torch.tensor([[0.1, 2.0, 0.3, 0.0]])
+    for seed in range(5):
+        assert sampler.sample(logits, [_state(temperature=1.0, top_p=1e-300, seed=seed)])[0] == [1]

@@ -228,6 +228,8 @@ BAD = [  # path, body, status, param, code (None: not checked)
     (CHAT, {"messages": MSG, "logit_bias": {"5": 200}}, 400, "logit_bias", None),
     (CHAT, {"messages": MSG, "repetition_penalty": 0}, 400, "repetition_penalty", None),
     (CHAT, {"messages": MSG, "mystery_knob": 1}, 400, "mystery_knob", None),
+    (CHAT, {"messages": [{"role": "user", "content": "w5 \ud800"}]}, 400, "messages", None),
+    (COMP, {"prompt": "w5 \ud800"}, 400, "prompt", None),
     (COMP, {"prompt": "w5", "functions": []}, 400, "functions", None),
     (CHAT, {"messages": MSG, "priority": 2**40}, 400, "priority", None),
     (CHAT, {"messages": MSG, "stop": [""]}, 400, "stop", None),

@@ -138,6 +138,7 @@ def _sample_row(row: torch.Tensor, s: SampleState) -> int:
         probs = sorted_logits.softmax(-1)
         # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
         drop = probs.cumsum(-1) - probs >= p.top_p
+        drop[0] = False   # a top_p below float32's resolution would otherwise drop even the best token
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         row = torch.full_like(row, float("-inf")).scatter(0, order, sorted_logits)
     probs = row.softmax(-1)

@@ -4,6 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tokenyard.sampling_params import InvalidParameterError
+
+
+def _check_unicode(text: str, param: str) -> None:
+    """A lone surrogate (JSON allows "\\ud800") is not text any tokenizer can take: the caller's error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidParameterError(param, f"{param} is not valid Unicode ({e.reason} at position {e.start})") \
+            from None
+
 
 class Tokenizer:
     def __init__(self, hf_dir: Path) -> None:
@@ -14,6 +25,7 @@ class Tokenizer:
         self.vocab_size = len(self._tok)
 
     def encode(self, text: str) -> list[int]:
+        _check_unicode(text, "prompt")
         return self._tok.encode(text)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -28,11 +40,13 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         if not self.has_chat_template:
-            raise ValueError("messages: this model has no chat template; use a plain prompt")
+            raise InvalidParameterError("messages", "messages: this model has no chat template; use a plain prompt")
+        for m in messages:
+            _check_unicode(m.get("content") or "", "messages")
         try:
             text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as e:  # noqa: BLE001 - template errors are the caller's bad messages
-            raise ValueError(f"messages: chat template failed: {e}") from e
+            raise InvalidParameterError("messages", f"messages: chat template failed: {e}") from e
         # The template already has every special token it wants; add none of our own.
         return self._tok.encode(text, add_special_tokens=False)
 
