@@ -622,3 +622,16 @@ def test_engine_flags_have_help_and_choices():
     assert all(f.metadata.get("help") for f in dataclasses.fields(EngineConfig))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--preemption-mode", "teleport"])
+
+
+def test_errors_are_classified_where_they_arise(caplog):
+    from tokenyard.sampling_params import InvalidParameterError
+    from tokenyard.server.errors import from_exception
+
+    bad = from_exception(InvalidParameterError("top_p", "top_p must be in (0, 1]"))
+    assert (bad.status, bad.param) == (400, "top_p")
+    with caplog.at_level("ERROR"):
+        internal = from_exception(ValueError("max_tokens: something inside broke"))   # not the client's fault
+    assert internal.status == 500 and internal.param is None and internal.type == "server_error"
+    error_id = internal.message.rsplit(" ", 1)[1]
+    assert error_id.startswith("err-") and error_id in caplog.text

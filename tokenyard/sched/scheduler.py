@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from tokenyard.invariants import InvariantError, require
 from tokenyard.kv.manager import KVCacheManager, cdiv
+from tokenyard.sampling_params import InvalidParameterError
 from tokenyard.sched.accounting import Charge, ServiceLedger
 from tokenyard.sched.output import ScheduledChunk, SchedulerOutput
 from tokenyard.sched.policies import check_policy_name, make_policy
@@ -85,13 +86,13 @@ class Scheduler:
     # ----------------------------------------------------------------- public API
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
-            raise ValueError(f"request_id {req.request_id!r} is already in use")
+            raise InvalidParameterError("request_id", f"request_id {req.request_id!r} is already in use")
         total = req.num_prompt_tokens + req.max_tokens
         if req.max_model_len is not None:
             total = min(total, req.max_model_len)
         if cdiv(total, self.kv.block_size) > self.kv.pool.num_blocks:
-            raise ValueError(
-                f"request needs up to {total} tokens of KV cache but the pool holds only "
+            raise InvalidParameterError(
+                "max_tokens", f"request needs up to {total} tokens of KV cache but the pool holds only "
                 f"{self.kv.pool.num_blocks * self.kv.block_size}: lower max_tokens or raise num_kv_blocks"
             )
         self.requests[req.request_id] = req

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -10,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenyard.engine.async_engine import EngineUnavailableError, QueueFullError
+from tokenyard.sampling_params import InvalidParameterError
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +44,12 @@ def from_exception(e: BaseException) -> APIError:
         return APIError(503, str(e), "server_error", code="server_overloaded")
     if isinstance(e, EngineUnavailableError):
         return APIError(503, str(e), "server_error", code="engine_unavailable")
-    if isinstance(e, ValueError):  # InvalidParameterError included; bare ValueErrors often say "param: ..."
-        param = getattr(e, "param", None)
-        msg = str(e)
-        if param is None and ": " in msg and msg.split(": ", 1)[0].isidentifier():
-            param = msg.split(": ", 1)[0]
-        return APIError(400, msg, param=param)
-    log.error("internal error", exc_info=e)
-    return APIError(500, f"internal server error: {type(e).__name__}", "server_error")
+    if isinstance(e, InvalidParameterError):  # the caller's mistake, named where it was found
+        return APIError(400, str(e), param=e.param)
+    error_id = f"err-{uuid.uuid4().hex[:12]}"
+    log.error("internal error %s", error_id, exc_info=e)
+    return APIError(500, f"internal server error ({type(e).__name__}); the server log has it as {error_id}",
+                    "server_error")
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
@@ -95,5 +95,5 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(err.body(), status_code=err.status)
 
     # Expected failures get their own handlers (a handler for Exception alone would still log a traceback).
-    for exc in (ValueError, QueueFullError, EngineUnavailableError, Exception):
+    for exc in (InvalidParameterError, QueueFullError, EngineUnavailableError, Exception):
         app.add_exception_handler(exc, _mapped)
