@@ -228,6 +228,11 @@ BAD = [  # path, body, status, param, code (None: not checked)
     (CHAT, {"messages": MSG, "logit_bias": {"5": 200}}, 400, "logit_bias", None),
     (CHAT, {"messages": MSG, "repetition_penalty": 0}, 400, "repetition_penalty", None),
     (CHAT, {"messages": MSG, "mystery_knob": 1}, 400, "mystery_knob", None),
+    (CHAT, {"messages": MSG, "max_tokens": "16"}, 400, "max_tokens", None),
+    (CHAT, "", 400, None, None),                          # no body at all
+    (CHAT, {"messages": MSG, "stream": "yes"}, 400, "stream", None),
+    (CHAT, {"messages": MSG, "logprobs": "yes"}, 400, "logprobs", None),
+    (COMP, {"prompt": [True, 5]}, 400, "prompt", None),
     (CHAT, {"messages": [{"role": "user", "content": "w5 \ud800"}]}, 400, "messages", None),
     (COMP, {"prompt": "w5 \ud800"}, 400, "prompt", None),
     (COMP, {"prompt": "w5", "functions": []}, 400, "functions", None),

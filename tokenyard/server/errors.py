@@ -63,6 +63,8 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     loc = [p for p in loc if not any(c in p for c in "[]") and p not in {"str", "int", "float", "list"}]
     param = ".".join(loc) or None
     if first.get("type") == "missing":
+        if param is None:
+            return APIError(400, "The request body is missing: send a JSON object.")
         return APIError(400, f"Missing required parameter: '{param}'.", param=param)
     msg = first.get("msg", "invalid value")
     if param is None:

@@ -10,16 +10,20 @@ from tokenyard.sampling_params import InvalidParameterError
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None   # required, as in OpenAI's API (null only makes sense for tool calls)
@@ -38,7 +42,7 @@ class _SamplingFields(BaseModel):
     """What chat and completion requests share. A field the server does not know is refused (400 naming it),
     never silently dropped."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)   # "16" is not a number, "yes" not a boolean
 
     model: str | None = None
     n: int = Field(1, ge=1, le=128)
