@@ -533,7 +533,8 @@ def test_engine_error_reaches_the_client_as_500(tiny_llama_dir, sampling_fails_f
 @pytest.fixture(scope="module")
 def one_seat(tiny_llama_dir, tmp_path_factory):
     """One running request at a time under the priority policy: whoever is queued waits its turn."""
-    server = Server(["--model", str(tiny_llama_dir), "--max-num-seqs", "1", "--scheduling-policy", "priority",
+    server = Server([str(tiny_llama_dir), "--served-model-name", "one-seat",   # vLLM's positional MODEL
+                     "--max-num-seqs", "1", "--scheduling-policy", "priority",
                      "--check-invariants", "--metrics-max-tenants", "2"],
                     tmp_path_factory.mktemp("logs") / "one_seat.log")
     yield server
@@ -640,3 +641,23 @@ def test_errors_are_classified_where_they_arise(caplog):
     assert internal.status == 500 and internal.param is None and internal.type == "server_error"
     error_id = internal.message.rsplit(" ", 1)[1]
     assert error_id.startswith("err-") and error_id in caplog.text
+
+
+def test_tokenize_detokenize_version_and_served_name(one_seat, tiny_llama_dir):
+    url = one_seat.url
+    assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["one-seat"]
+    r = httpx.post(f"{url}{CHAT}", json={"model": "one-seat", "messages": MSG, "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["model"] == "one-seat"
+    assert httpx.post(f"{url}{CHAT}", json={"model": "tiny", "messages": MSG}).status_code == 404
+    assert httpx.get(f"{url}/version").json()["version"]
+    t = httpx.post(f"{url}/tokenize", json={"prompt": "w5 w6 w7", "add_special_tokens": False}).json()
+    assert t["tokens"] == [5, 6, 7] and t["count"] == 3 and t["max_model_len"] == 256
+    chat = httpx.post(f"{url}/tokenize", json={"model": "one-seat", "messages": MSG}).json()
+    assert chat["count"] > 3
+    assert httpx.post(f"{url}/detokenize", json={"tokens": t["tokens"]}).json() == {"prompt": "w5 w6 w7"}
+    for path, body in (("/tokenize", {"prompt": "w5", "messages": MSG}), ("/tokenize", {}),
+                       ("/detokenize", {"tokens": [10**6]}), ("/detokenize", {"tokens": ["5"]})):
+        r = httpx.post(f"{url}{path}", json=body)
+        assert r.status_code == 400 and "error" in r.json(), (path, body, r.text)
+    args = build_parser().parse_args(["serve", str(tiny_llama_dir), "--served-model-name", "x"])
+    assert args.model_path == str(tiny_llama_dir) and args.served_model_name == "x"

@@ -69,6 +69,12 @@ def _serve(args: argparse.Namespace) -> int:
     from tokenyard.server.app import ServerSettings, create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.model_path is not None:
+        if args.model is not None and args.model != args.model_path:
+            raise ValueError(f"model: given twice ({args.model_path!r} and --model {args.model!r})")
+        args.model = args.model_path
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise ValueError("--served-model-name must not be empty")
     engine = LLMEngine(engine_config(args))
     failed: list[BaseException] = []
 
@@ -77,6 +83,8 @@ def _serve(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     async_engine = AsyncEngine(engine, max_waiting=args.max_waiting, on_failure=engine_failed)
+    if args.served_model_name:
+        async_engine.model_name = args.served_model_name
     settings = ServerSettings(api_key=args.api_key or os.environ.get("TOKENYARD_API_KEY"),
                               max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
                               metrics_max_tenants=args.metrics_max_tenants)
@@ -86,7 +94,7 @@ def _serve(args: argparse.Namespace) -> int:
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
             if not self.should_exit:
-                print(f"tokenyard: serving {engine.model_name} on http://{args.host}:{args.port} "
+                print(f"tokenyard: serving {async_engine.model_name} on http://{args.host}:{args.port} "
                       f"(ready in {_seconds_since_process_start():.1f} s; model load {engine.load_time_s:.1f} s)",
                       flush=True)
 
@@ -138,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
                            formatter_class=_Help)
+    serve.add_argument("model_path", nargs="?", metavar="MODEL",
+                       help="the model to serve, as `--model` (vLLM's form: tokenyard serve MODEL)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the name clients ask for and /v1/models lists (default: the model's own)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None,

@@ -24,9 +24,9 @@ class Tokenizer:
         self.eos_token_id: int | None = self._tok.eos_token_id
         self.vocab_size = len(self._tok)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         _check_unicode(text, "prompt")
-        return self._tok.encode(text)
+        return self._tok.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

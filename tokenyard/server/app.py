@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +18,13 @@ from tokenyard.engine.async_engine import AsyncEngine
 from tokenyard.server.errors import APIError, install_error_handlers
 from tokenyard.server.metrics import ServerMetrics
 from tokenyard.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
-from tokenyard.server.protocol import ChatCompletionRequest, CompletionRequest, PriorityUpdate
+from tokenyard.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    PriorityUpdate,
+    TokenizeRequest,
+)
 from tokenyard.server.serving import OpenAIServing
 
 log = logging.getLogger(__name__)
@@ -70,14 +77,41 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def check_model(name: str | None) -> None:
+        if name is not None and name != engine.model_name:
+            raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        """vLLM's: the token ids of a prompt, or of chat messages as the chat template renders them."""
+        check_model(body.model)
+        if body.messages is not None:
+            messages = [m.as_template_input() for m in body.messages]
+            ids = await asyncio.to_thread(engine.tokenizer.apply_chat_template, messages)
+        else:
+            ids = await asyncio.to_thread(engine.tokenizer.encode, body.prompt, body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        check_model(body.model)
+        vocab = engine.tokenizer.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": await asyncio.to_thread(engine.tokenizer.decode, body.tokens, False)}
+
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [model_card()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict:
-        if model_id != engine.model_name:
-            raise APIError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
+        check_model(model_id)
         return model_card()
 
     @app.post("/v1/chat/completions")

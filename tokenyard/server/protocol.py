@@ -166,3 +166,29 @@ class PriorityUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     priority: int = Field(..., ge=-(2**31), lt=2**31, strict=True)   # lower is more urgent
+
+
+class TokenizeRequest(BaseModel):
+    """Body of ``POST /tokenize`` (vLLM's): a prompt, or chat messages rendered with the chat template."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """Body of ``POST /detokenize`` (vLLM's)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    tokens: list[int] = Field(..., max_length=1 << 20)
