@@ -38,6 +38,13 @@ def make_tiny_model(path: Path, kind: str, seed: int = 0) -> Path:
     )
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False))
+    elif kind == "llama-biases":   # attention_bias (q, k, v and o) and mlp_bias, all non-zero
+        model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False, attention_bias=True,
+                                             mlp_bias=True))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(".bias"):
+                    param.normal_(0, 0.2)
     elif kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True))
         with torch.no_grad():  # make the qkv biases matter

@@ -132,3 +132,28 @@ def test_pytorch_fallback_path_is_exact(tiny_model_dir):
     llm = _llm(tiny_model_dir, max_num_batched_tokens=16)
     llm.engine.runner.model.use_kernel = False
     _check(llm, tiny_model_dir, _prompts(5, 1, 40, seed=8))
+
+
+def test_llama_with_attention_and_mlp_biases_is_exact(tmp_path):
+    """o_proj and MLP biases used to be dropped silently (wrong numerics); now they are applied."""
+    from tests.conftest import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "biases", "llama-biases", seed=3)
+    llm = _llm(model_dir, max_num_batched_tokens=16)
+    _check(llm, model_dir, _prompts(4, 1, 40, seed=9))
+    assert llm.engine.runner.model.extra_biases
+
+
+def test_checkpoint_with_unused_weights_is_refused(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tests.conftest import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "extra", "llama", seed=4)
+    path = model_dir / "model.safetensors"
+    state = load_file(str(path))
+    state["model.layers.0.mlp.mystery.weight"] = torch.zeros(4)
+    save_file(state, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="does not use: model.layers.0.mlp.mystery.weight"):
+        LLM(model=str(model_dir), block_size=4)

@@ -28,6 +28,13 @@ class LayerWeights:
     post_norm: torch.Tensor
     gate_up: torch.Tensor
     down: torch.Tensor
+    o_bias: torch.Tensor | None = None        # Llama with attention_bias: o_proj has one too (Qwen2: no)
+    gate_up_bias: torch.Tensor | None = None  # mlp_bias
+    down_bias: torch.Tensor | None = None
+
+    @property
+    def has_extra_biases(self) -> bool:
+        return self.o_bias is not None or self.gate_up_bias is not None or self.down_bias is not None
 
 
 @dataclass
@@ -54,17 +61,24 @@ class LlamaWeights:
 
     def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
                  device: torch.device) -> None:
+        used: set[str] = set()
+
         def get(name: str) -> torch.Tensor:
             try:
                 t = state[name]
             except KeyError:
                 raise ValueError(f"model: weight {name!r} missing from checkpoint") from None
+            used.add(name)
             return t.to(device=device, dtype=dtype).contiguous()
+
+        def maybe(name: str) -> torch.Tensor | None:
+            return get(name) if name in state else None
 
         self.embed = get("model.embed_tokens.weight")
         self.norm = get("model.norm.weight")
         if cfg.tie_word_embeddings or "lm_head.weight" not in state:
             self.lm_head = self.embed
+            used.add("lm_head.weight")   # a tied checkpoint may store a copy; the embedding is what is used
         else:
             self.lm_head = get("lm_head.weight")
         self.layers: list[LayerWeights] = []
@@ -73,6 +87,10 @@ class LlamaWeights:
             qkv_bias = None
             if cfg.attention_bias:
                 qkv_bias = torch.cat([get(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
+            gate_up_bias = down_bias = None
+            if cfg.mlp_bias:
+                gate_up_bias = torch.cat([get(p + "mlp.gate_proj.bias"), get(p + "mlp.up_proj.bias")])
+                down_bias = get(p + "mlp.down_proj.bias")
             self.layers.append(LayerWeights(
                 input_norm=get(p + "input_layernorm.weight"),
                 qkv=torch.cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
@@ -81,7 +99,16 @@ class LlamaWeights:
                 post_norm=get(p + "post_attention_layernorm.weight"),
                 gate_up=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
                 down=get(p + "mlp.down_proj.weight"),
+                o_bias=maybe(p + "self_attn.o_proj.bias"),
+                gate_up_bias=gate_up_bias,
+                down_bias=down_bias,
             ))
+        # A tensor nobody reads would mean computing something other than the checkpoint: refuse instead.
+        unused = sorted(k for k in state if k not in used and not k.endswith("rotary_emb.inv_freq"))
+        if unused:
+            more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
+            raise ValueError(f"model: the checkpoint has weights this Llama-family model does not use: "
+                             f"{', '.join(unused[:5])}{more}")
 
 
 def rope_tables(cfg: ModelConfig, max_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,6 +147,8 @@ class LlamaModel:
         self.gqa = cfg.num_heads != cfg.num_kv_heads
         self.use_kernel = kernel_usable(device, weights.embed.dtype)
         self.fuse_decode_layers = True  # decode-only steps run the layer loop in C++ (when use_kernel)
+        # The C++ layer loop knows the QKV bias only; o_proj and MLP biases take the Python loop.
+        self.extra_biases = any(lw.has_extra_biases for lw in weights.layers)
         self._flat: list[torch.Tensor] | None = None
 
     @torch.inference_mode()
@@ -152,7 +181,7 @@ class LlamaModel:
                 return rms_norm(x, weight, eps)
             cos3, sin3 = cos.unsqueeze(1), sin.unsqueeze(1)
         x = F.embedding(input_ids, self.w.embed)
-        if fused is not None and self.fuse_decode_layers and not meta.prefills:
+        if fused is not None and self.fuse_decode_layers and not meta.prefills and not self.extra_biases:
             # Decode-only step: the whole layer loop in C++ (same ops, no Python per-op overhead).
             x = fused.decode_layers(x, self._flat_weights(), cos, sin, k_cache, v_cache, slots,
                                     meta.decode_block_tables, meta.decode_context_lens, H, KVH, eps, self.scale)
@@ -174,11 +203,11 @@ class LlamaModel:
                 kc.view(-1, KVH, D).index_copy_(0, slots, k)
                 vc.view(-1, KVH, D).index_copy_(0, slots, v)
             attn = self._attention(q, k, v, kc, vc, meta)
-            x.add_(linear(attn.reshape(T, H * D), lw.o))
+            x.add_(linear(attn.reshape(T, H * D), lw.o, lw.o_bias))
             h = norm(x, lw.post_norm)
-            gate_up = linear(h, lw.gate_up)
+            gate_up = linear(h, lw.gate_up, lw.gate_up_bias)
             inter = gate_up.shape[-1] // 2
-            x.add_(linear(silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), lw.down))
+            x.add_(linear(silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), lw.down, lw.down_bias))
         x = norm(x[logits_rows], self.w.norm)
         return linear(x, self.w.lm_head)
 
