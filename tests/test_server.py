@@ -661,3 +661,41 @@ def test_tokenize_detokenize_version_and_served_name(one_seat, tiny_llama_dir):
         assert r.status_code == 400 and "error" in r.json(), (path, body, r.text)
     args = build_parser().parse_args(["serve", str(tiny_llama_dir), "--served-model-name", "x"])
     assert args.model_path == str(tiny_llama_dir) and args.served_model_name == "x"
+
+
+def test_shutdown_drains_then_aborts_with_proper_errors(tiny_llama_dir, tmp_path):
+    """SIGTERM: /health and new requests get 503 JSON while in-flight requests drain; past --shutdown-timeout
+    the rest are aborted through the engine, each stream ending in an error event and [DONE]; exit 0, soon."""
+    server = Server([str(tiny_llama_dir), "--max-num-seqs", "1", "--shutdown-timeout", "0.6"],
+                    tmp_path / "drain.log")
+    body = {"messages": MSG, "max_tokens": 240, "ignore_eos": True, "stream": True}
+    results: list[list[str]] = []
+
+    def stream(_: int) -> list[str]:
+        with httpx.stream("POST", f"{server.url}{CHAT}", json=body, timeout=60) as r:
+            return [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            futures = [pool.submit(stream, i) for i in range(12)]
+            time.sleep(0.3)                                   # all in flight (seconds of work), one running
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            health = httpx.get(f"{server.url}/health", timeout=5)
+            refused = httpx.post(f"{server.url}{CHAT}", json={"messages": MSG, "max_tokens": 2}, timeout=5)
+            t0 = time.monotonic()
+            results = [f.result(timeout=60) for f in futures]
+        assert health.status_code == 503 and health.json() == {"status": "unavailable"}
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_unavailable"
+        assert server.proc.wait(timeout=30) == 0
+        assert time.monotonic() - t0 < 20
+    finally:
+        server.stop()
+    aborted = [r for r in results if any('"error"' in x for x in r)]
+    assert aborted, "the drain deadline must have cut some requests short"
+    for r in results:
+        assert r[-1] == "[DONE]"
+    for r in aborted:
+        assert json.loads(r[-2])["error"]["code"] == "engine_unavailable"
+    log = (tmp_path / "drain.log").read_text()
+    assert "Traceback" not in log, log[-2000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import logging
 import os
@@ -91,6 +92,8 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(async_engine, settings)
 
     class Server(uvicorn.Server):
+        draining = False
+
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
             if not self.should_exit:
@@ -98,12 +101,40 @@ def _serve(args: argparse.Namespace) -> int:
                       f"(ready in {_seconds_since_process_start():.1f} s; model load {engine.load_time_s:.1f} s)",
                       flush=True)
 
-    # uvicorn owns SIGINT/SIGTERM: it stops accepting, lets in-flight responses finish for up to
-    # shutdown_timeout seconds, then runs the app's lifespan exit, which drains and stops the engine.
-    # Afterwards it re-raises the signal to the handler that was there before: for SIGTERM, make that a
-    # clean exit (status 0), since the shutdown it asked for has completed.
+        def handle_exit(self, sig: int, frame) -> None:
+            """SIGTERM/SIGINT: drain first (the listener stays open: new requests and /health get 503 JSON),
+            then stop. A second signal stops at once, as plain uvicorn does."""
+            if self.draining or not self.started or self.should_exit:
+                super().handle_exit(sig, frame)
+                return
+            self.draining = True
+            self._captured_signals.append(sig)
+            asyncio.get_event_loop().call_soon_threadsafe(lambda: asyncio.ensure_future(self.drain()))
+
+        async def drain(self) -> None:
+            async_engine.stop_accepting()
+            deadline = time.monotonic() + args.shutdown_timeout
+            if async_engine.num_inflight:
+                logging.getLogger("tokenyard").info(
+                    "shutting down: %d requests in flight get up to %.0f s to finish (signal again to stop now)",
+                    async_engine.num_inflight, args.shutdown_timeout)
+            while async_engine.num_inflight and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if async_engine.num_inflight:
+                logging.getLogger("tokenyard").warning(
+                    "shutting down: aborting the %d requests still in flight", async_engine.num_inflight)
+                async_engine.abort_all()   # each client gets a 503 JSON, or an SSE error event and [DONE]
+                grace = time.monotonic() + 5.0
+                while async_engine.num_inflight and time.monotonic() < grace:
+                    await asyncio.sleep(0.05)
+            self.should_exit = True
+
+    # tokenyard drains on SIGINT/SIGTERM (Server.drain above); then uvicorn closes the connections (a few
+    # seconds at most: the responses are complete by then) and runs the app's lifespan exit, which stops the
+    # engine. Afterwards uvicorn re-raises the signal to the handler that was there before: for SIGTERM, make
+    # that a clean exit (status 0), since the shutdown it asked for has completed.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=int(args.shutdown_timeout) or None, access_log=args.access_log)
+                            timeout_graceful_shutdown=5, access_log=args.access_log)
     signal.signal(signal.SIGTERM, _exit_cleanly)
     server = Server(config)
     server.run()

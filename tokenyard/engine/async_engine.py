@@ -149,6 +149,17 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread.is_alive() and self._dead is None and self._accepting
 
+    def stop_accepting(self) -> None:
+        """Refuse new requests (EngineUnavailableError, a 503) and report not running; in-flight ones go on."""
+        with self._cv:
+            self._accepting = False
+
+    def abort_all(self) -> None:
+        """Abort every request in flight (from any thread); each stream ends with finish_reason "abort"."""
+        with self._cv:
+            self._commands.append(lambda: self._do_abort(list(self._streams)))
+            self._cv.notify()
+
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stop admitting, let in-flight requests finish for up to ``timeout`` seconds, abort the rest."""
         with self._cv:

@@ -370,6 +370,9 @@ class OpenAIServing:
                     yield frame(i, out, c)
                 if out.error:
                     raise APIError(500, f"the engine could not complete the request: {out.error}", "server_error")
+                if out.finish_reason == "abort":   # not the client's doing (it would not be reading): shutdown
+                    raise APIError(503, "the request was aborted by the server (shutting down)", "server_error",
+                                   code="engine_unavailable")
             if job.include_usage:
                 kind = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
                 yield sse({"id": job.id, "object": kind, "created": job.created, "model": job.model,
