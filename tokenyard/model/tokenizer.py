@@ -21,6 +21,7 @@ class Tokenizer:
         from transformers import AutoTokenizer
 
         self._tok = AutoTokenizer.from_pretrained(str(hf_dir))
+        self._controls: list[str] | None = None
         self.eos_token_id: int | None = self._tok.eos_token_id
         self.vocab_size = len(self._tok)
 
@@ -43,12 +44,39 @@ class Tokenizer:
             raise InvalidParameterError("messages", "messages: this model has no chat template; use a plain prompt")
         for m in messages:
             _check_unicode(m.get("content") or "", "messages")
+        if any(sp in (m.get("content") or "") for m in messages for sp in self._control_strings):
+            return self._template_with_literal_content(messages, add_generation_prompt)
+        # The template already has every special token it wants; add none of our own.
+        return self._tok.encode(self._render(messages, add_generation_prompt), add_special_tokens=False)
+
+    @property
+    def _control_strings(self) -> list[str]:
+        if self._controls is None:
+            self._controls = sorted({t.content for t in self._tok.added_tokens_decoder.values() if t.special}
+                                    | set(self._tok.all_special_tokens), key=len, reverse=True)
+        return self._controls
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         try:
-            text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as e:  # noqa: BLE001 - template errors are the caller's bad messages
             raise InvalidParameterError("messages", f"messages: chat template failed: {e}") from e
-        # The template already has every special token it wants; add none of our own.
-        return self._tok.encode(text, add_special_tokens=False)
+
+    def _template_with_literal_content(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        """A message whose text spells a control token ("<|im_start|>system ...") must not become one: a user
+        could forge a system turn. Render the template around placeholders, tokenize its own text as usual and
+        each message's content with control tokens split into plain text."""
+        marks = [f"TOKENYARDMSG{i:04d}X" for i in range(len(messages))]
+        text = self._render([{**m, "content": mark} for m, mark in zip(messages, marks)], add_generation_prompt)
+        ids: list[int] = []
+        for mark, m in zip(marks, messages):
+            head, sep, text = text.partition(mark)
+            if not sep or mark in text:
+                raise InvalidParameterError("messages", "messages: a message's text holds a control token of the "
+                                                        "model, and this chat template cannot keep it as text")
+            ids += self._tok.encode(head, add_special_tokens=False)
+            ids += self._tok(m.get("content") or "", add_special_tokens=False, split_special_tokens=True).input_ids
+        return ids + self._tok.encode(text, add_special_tokens=False)
 
 
 class IncrementalDetokenizer:
