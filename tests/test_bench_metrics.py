@@ -137,3 +137,18 @@ def test_failures_and_groups():
     g = metrics.by_group(rs, "tenant")
     assert g["A"]["sent"] == 2 and g["A"]["completed"] == 1 and g["B"]["completed"] == 0
     assert g["B"]["ttft_ms"]["median"] is None
+
+
+def test_progress_counts_requests_in_flight_and_summary_counts_sent_input():
+    from tokenyard.bench.report import RunProgress
+
+    recs = [RequestRecord(i, 10, 4) for i in range(3)]
+    prog = RunProgress(3, enabled=False)
+    for r in recs:
+        r.sent = True
+        prog.sent(r)
+    recs[0].send_s, recs[0].latency_s, recs[0].prompt_tokens = 0.0, 1.0, 10
+    prog.done(recs[0])
+    assert (prog.in_flight, prog.ok) == (2, 1)
+    s = metrics.summary(recs)   # the other two never finished (an interrupted run)
+    assert s["total_input_tokens"] == 10 and s["sent_input_tokens"] == 30

@@ -154,6 +154,8 @@ def _one_off(args: argparse.Namespace) -> int:
     from tokenyard.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    print(f"tokenyard: loading {args.model or 'the bundled SmolLM2-135M-Instruct'} ...", file=sys.stderr,
+          flush=True)
     engine = LLMEngine(engine_config(args))
     if args.command == "chat":
         messages = ([{"role": "system", "content": args.system}] if args.system else [])

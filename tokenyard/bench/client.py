@@ -181,7 +181,8 @@ def _extend(target: Target, prompt, answer: str):
 
 async def run_chains(target: Target, chains: Sequence[Sequence[RequestSpec]], texts: dict[int, str],
                      records: dict[int, RequestRecord], on_done: Callable[[RequestRecord], None] | None = None,
-                     client: httpx.AsyncClient | None = None, give_up_after: int = 10) -> str | None:
+                     client: httpx.AsyncClient | None = None, give_up_after: int = 10,
+                     on_sent: Callable[[RequestRecord], None] | None = None) -> str | None:
     """Send every chain at its arrival time. Times in the records are relative to the moment this starts.
 
     After ``give_up_after`` connection failures in a row (no success between them) the server is taken to be
@@ -220,8 +221,12 @@ async def run_chains(target: Target, chains: Sequence[Sequence[RequestSpec]], te
                 async with sem:
                     if stop.is_set():
                         return
+                    if on_sent is not None:
+                        on_sent(rec)
                     await send(client, target, body, rec, t0)
             else:
+                if on_sent is not None:
+                    on_sent(rec)
                 await send(client, target, body, rec, t0)
             account(rec)
             if on_done is not None:

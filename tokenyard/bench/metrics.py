@@ -136,6 +136,7 @@ def summary(records: Sequence[RequestRecord], slo_ms: dict[str, float] | None = 
         "not_sent": len(records) - len(sent),
         "duration_s": dur,
         "total_input_tokens": sum(r.prompt_tokens if r.prompt_tokens is not None else r.input_len for r in ok),
+        "sent_input_tokens": sum(r.prompt_tokens if r.prompt_tokens is not None else r.input_len for r in sent),
         "total_output_tokens": sum(r.output_tokens for r in ok),
         **throughput(records, dur),
         **latency_summary(records),

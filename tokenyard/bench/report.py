@@ -20,16 +20,17 @@ from tokenyard.bench.records import RequestRecord
 
 # --------------------------------------------------------------------------- progress
 class RunProgress:
-    """A rich progress bar on stderr (only when stderr is a terminal), advanced as each request ends."""
+    """A rich progress bar on stderr (only when stderr is a terminal): requests ended, and how many are in flight."""
 
     def __init__(self, total: int, label: str = "requests", enabled: bool | None = None) -> None:
         console = Console(stderr=True)
         self.enabled = console.is_terminal if enabled is None else enabled
-        self.ok = self.failed = 0
+        self.ok = self.failed = self.in_flight = 0
         self._p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                           TextColumn("ok {task.fields[ok]}  failed {task.fields[failed]}"), TimeElapsedColumn(),
+                           TextColumn("in flight {task.fields[in_flight]}  ok {task.fields[ok]}  "
+                                      "failed {task.fields[failed]}"), TimeElapsedColumn(),
                            console=console, disable=not self.enabled, transient=False)
-        self._task = self._p.add_task(label, total=total, ok=0, failed=0)
+        self._task = self._p.add_task(label, total=total, ok=0, failed=0, in_flight=0)
 
     def __enter__(self) -> RunProgress:
         self._p.__enter__()
@@ -38,12 +39,18 @@ class RunProgress:
     def __exit__(self, *exc: object) -> None:
         self._p.__exit__(*exc)
 
+    def sent(self, rec: RequestRecord) -> None:
+        self.in_flight += 1
+        self._p.update(self._task, in_flight=self.in_flight)
+
     def done(self, rec: RequestRecord) -> None:
         if rec.ok:
             self.ok += 1
         else:
             self.failed += 1
-        self._p.update(self._task, advance=1, ok=self.ok, failed=self.failed)
+        if rec.sent:
+            self.in_flight = max(self.in_flight - 1, 0)
+        self._p.update(self._task, advance=1, ok=self.ok, failed=self.failed, in_flight=self.in_flight)
 
 
 # --------------------------------------------------------------------------- table
@@ -72,7 +79,9 @@ def print_summary(summary: dict, title: str, by_tenant: dict | None = None, fair
     for kind, n in summary["failures"].items():
         t.add_row(f"  {kind}", _fmt(n))
     t.add_row("duration (s)", _fmt(summary["duration_s"]))
-    t.add_row("input tokens", _fmt(summary["total_input_tokens"]))
+    t.add_row("input tokens (completed requests)", _fmt(summary["total_input_tokens"]))
+    if summary.get("sent_input_tokens", 0) != summary["total_input_tokens"]:
+        t.add_row("input tokens (all sent)", _fmt(summary["sent_input_tokens"]))
     t.add_row("output tokens", _fmt(summary["total_output_tokens"]))
     t.add_row("request throughput (req/s)", _fmt(summary["request_throughput"], 3))
     t.add_row("output token throughput (tok/s)", _fmt(summary["output_throughput"]))

@@ -175,7 +175,8 @@ def execute(target: Target, specs: list[RequestSpec], texts: dict[int, str], rec
     """Run the workload; True if it was interrupted (Ctrl-C). Records hold whatever was measured either way."""
     with RunProgress(len(specs), label, enabled=progress) as prog:
         try:
-            gave_up = asyncio.run(run_chains(target, chains(specs), texts, records, prog.done))
+            gave_up = asyncio.run(run_chains(target, chains(specs), texts, records, prog.done,
+                                             on_sent=prog.sent))
         except KeyboardInterrupt:
             return True
     if gave_up:
