@@ -158,3 +158,23 @@ def test_block_hashes_are_128_bit_digests_that_chain():
     assert all(isinstance(h, bytes) and len(h) == 16 for h in a)
     assert a[1] != b[1], "the second block's hash covers the first block too"
     assert root_hash("x") != root_hash(None) == root_hash("")
+
+
+def test_a_hash_collision_cannot_serve_another_prompts_kv(monkeypatch):
+    """Make every block hash collide: a hit is still taken only when the cached block's content (parent
+    hash and tokens) is the request's own, so a different prompt gets no hit and the same prompt still does."""
+    from tokenyard.kv import hashing
+
+    monkeypatch.setattr(hashing, "hash_block", lambda parent, tokens: b"\0" * 16)
+    kv = KVCacheManager(64, 4, 0, True)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), kv)
+    sched.add_request(Request("a", list(range(3, 19)), 1, arrival_time=0.0))
+    sched.update_from_output(sched.schedule(), {"a": 5})
+    starts = {}
+    for rid, prompt in (("other", list(range(40, 56))), ("same", list(range(3, 19)))):
+        sched.add_request(Request(rid, prompt, 1, arrival_time=1.0))
+        out = sched.schedule()
+        starts[rid] = out.chunks[0].start_pos
+        sched.update_from_output(out, {rid: 5})
+        sched.check_invariants()
+    assert starts == {"other": 0, "same": 4}   # all four blocks share one hash: only the first is registered

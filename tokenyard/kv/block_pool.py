@@ -20,6 +20,9 @@ class Block:
     block_id: int
     ref_cnt: int = 0
     block_hash: bytes | None = None
+    # What the hash stands for: (parent block's hash, this block's token ids). A hit is taken only when it
+    # equals the request's own, so even a hash collision cannot hand one prompt another's KV.
+    content: tuple[bytes, tuple[int, ...]] | None = None
 
 
 class BlockPool:
@@ -57,6 +60,7 @@ class BlockPool:
                 if self._cached.get(block.block_hash) is block:
                     del self._cached[block.block_hash]
                 block.block_hash = None
+                block.content = None
                 self.num_evictions += 1
             block.ref_cnt = 1
             out.append(block)
@@ -78,13 +82,14 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self._free[block.block_id] = None
 
-    def cache(self, block: Block, block_hash: bytes) -> None:
+    def cache(self, block: Block, block_hash: bytes, content: tuple[bytes, tuple[int, ...]]) -> None:
         """Register a full block under its chained hash (the first block with a hash keeps it)."""
         if not self.enable_caching or block.block_hash is not None:
             return
         if block_hash in self._cached:
             return
         block.block_hash = block_hash
+        block.content = content
         self._cached[block_hash] = block
 
     def num_free_if_touched(self, blocks: list[Block]) -> int:
@@ -94,6 +99,7 @@ class BlockPool:
     def reset_prefix_cache(self) -> None:
         for block in self._cached.values():
             block.block_hash = None
+            block.content = None
         self._cached.clear()
 
     def check(self) -> None:

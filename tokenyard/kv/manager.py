@@ -10,7 +10,7 @@ from collections import Counter
 
 from tokenyard.invariants import require
 from tokenyard.kv.block_pool import Block, BlockPool, HostBlockPool
-from tokenyard.kv.hashing import BlockHash, extend_block_hashes
+from tokenyard.kv.hashing import BlockHash, extend_block_hashes, root_hash
 
 
 def cdiv(a: int, b: int) -> int:
@@ -51,12 +51,15 @@ class KVCacheManager:
         hashes = self._hashes.setdefault(req_id, [])
         extend_block_hashes(hashes, token_ids, self.block_size, salt)
         max_blocks = (len(token_ids) - 1) // self.block_size
+        bs = self.block_size
         hits: list[Block] = []
-        for h in hashes[:max_blocks]:
+        parent = root_hash(salt)
+        for i, h in enumerate(hashes[:max_blocks]):
             block = self.pool.get_cached_block(h)
-            if block is None:
+            if block is None or block.content != (parent, tuple(token_ids[i * bs:(i + 1) * bs])):
                 break
             hits.append(block)
+            parent = h
         return hits, len(hits) * self.block_size
 
     def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
@@ -79,8 +82,10 @@ class KVCacheManager:
             return
         hashes = self._hashes.setdefault(req_id, [])
         extend_block_hashes(hashes, token_ids, self.block_size, salt)
+        bs = self.block_size
         for i in range(start, n_full):
-            self.pool.cache(blocks[i], hashes[i])
+            parent = hashes[i - 1] if i else root_hash(salt)
+            self.pool.cache(blocks[i], hashes[i], (parent, tuple(token_ids[i * bs:(i + 1) * bs])))
         self._num_cached[req_id] = n_full
 
     # ----------------------------------------------------------------- device blocks
