@@ -184,6 +184,31 @@ def test_cache_salt_keeps_prompts_out_of_other_salts_cache(client, model):
     assert cached(cache_salt="mallory") == 0 and cached() == 0 and cached(cache_salt="alice") > 0
 
 
+def test_named_tenants_do_not_share_prefix_cache_by_default(client, model):
+    """No cached-token oracle across tenants: a named tenant's prompts are salted by its name."""
+    prompt = " ".join(f"w{90 + i}" for i in range(40))
+    def cached(user: str) -> int:
+        r = client.completions.create(model=model, prompt=prompt, max_tokens=1, user=user)
+        return r.usage.prompt_tokens_details.cached_tokens
+    assert cached("alice-secret") == 0
+    assert cached("mallory") == 0 and cached("alice-secret") > 0
+
+
+def test_api_key_middleware_can_leave_metrics_public():
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from tokenyard.server.middleware import OPEN_PATHS, PUBLIC_PATHS, APIKeyMiddleware
+
+    app = Starlette(routes=[Route(p, lambda _: PlainTextResponse("ok")) for p in ("/metrics", "/health", "/v1/x")])
+    strict = TestClient(APIKeyMiddleware(app, "k", OPEN_PATHS))
+    public = TestClient(APIKeyMiddleware(app, "k", PUBLIC_PATHS))    # --public-metrics
+    assert [strict.get(p).status_code for p in ("/metrics", "/health", "/v1/x")] == [401, 200, 401]
+    assert [public.get(p).status_code for p in ("/metrics", "/health", "/v1/x")] == [200, 200, 401]
+
+
 def test_user_accepted_and_priority_refused_under_fcfs(tiny, client, model):
     r = client.chat.completions.create(model=model, messages=MSG, max_tokens=2, user="alice",
                                        extra_body={"priority": 0, "top_k": 5})
@@ -581,9 +606,11 @@ def test_priority_raised_at_runtime_overtakes_a_running_request(one_seat):
     for rid in (short_id, "chatcmpl-nope"):
         r = httpx.post(f"{one_seat.url}/v1/requests/{rid}/priority", json={"priority": 1})
         assert r.status_code == 404 and r.json()["error"]["code"] == "request_not_found"
-    for bad in ({"priority": "high"}, {"priority": 1.5}, {}, {"priority": 1, "extra": 2}):
+    for bad in ({"priority": "high"}, {"priority": 1.5}, {}, {"priority": 1, "extra": 2}, {"priority": -5}):
         r = httpx.post(f"{one_seat.url}/v1/requests/{short_id}/priority", json=bad)
         assert r.status_code == 400 and "error" in r.json(), (bad, r.text)
+    r = httpx.post(f"{one_seat.url}{CHAT}", json={"messages": MSG, "max_tokens": 2, "priority": -5})
+    assert r.status_code == 400 and "--client-priority-range" in r.json()["error"]["message"]  # 0:1000 default
     m = one_seat.metrics()
     assert m["tokenyard_preemptions_total"] >= 1
     assert m['tokenyard_tenant_service_total{tenant="alice"}'] >= 2.0 * 200

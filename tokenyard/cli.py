@@ -88,7 +88,9 @@ def _serve(args: argparse.Namespace) -> int:
         async_engine.model_name = args.served_model_name
     settings = ServerSettings(api_key=args.api_key or os.environ.get("TOKENYARD_API_KEY"),
                               max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
-                              metrics_max_tenants=args.metrics_max_tenants)
+                              metrics_max_tenants=args.metrics_max_tenants, public_metrics=args.public_metrics,
+                              share_prefix_cache_across_tenants=args.share_prefix_cache_across_tenants,
+                              client_priority_range=args.client_priority_range)
     app = create_app(async_engine, settings)
 
     class Server(uvicorn.Server):
@@ -192,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
+    serve.add_argument("--public-metrics", action="store_true",
+                       help="serve /metrics and the OpenAPI pages without the key even when --api-key is set")
+    serve.add_argument("--share-prefix-cache-across-tenants", action="store_true",
+                       help="let tenants (`user`) share prefix-cache blocks; by default each named tenant's "
+                            "prompts are salted by its name, so cached_tokens reveals nothing across tenants")
+    serve.add_argument("--client-priority-range", default="0:1000",
+                       help="priorities clients may ask for, LO:HI (lower is more urgent), or 'any' to trust them")
     serve.add_argument("--metrics-max-tenants", type=int, default=20,
                        help="tenants with their own label in /metrics; the others are summed as 'other'")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

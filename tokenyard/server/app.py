@@ -17,7 +17,7 @@ from tokenyard import __version__
 from tokenyard.engine.async_engine import AsyncEngine
 from tokenyard.server.errors import APIError, install_error_handlers
 from tokenyard.server.metrics import ServerMetrics
-from tokenyard.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
+from tokenyard.server.middleware import OPEN_PATHS, PUBLIC_PATHS, APIKeyMiddleware, BodySizeLimitMiddleware
 from tokenyard.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -36,10 +36,29 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20
     shutdown_timeout: float = 30.0     # seconds in-flight requests get to finish on shutdown
     metrics_max_tenants: int = 20      # tenants with their own /metrics label; the rest are summed as "other"
+    public_metrics: bool = False       # /metrics and the OpenAPI pages without the key, even with --api-key
+    share_prefix_cache_across_tenants: bool = False   # else a named tenant's prompts are salted by its name
+    client_priority_range: str = "0:1000"              # priorities a client may ask for; "any" trusts them all
 
     def __post_init__(self) -> None:
         if self.metrics_max_tenants < 0:
             raise ValueError(f"--metrics-max-tenants must be >= 0, got {self.metrics_max_tenants}")
+        _ = self.priority_bounds  # validates
+
+    @property
+    def priority_bounds(self) -> tuple[int, int] | None:
+        """(lo, hi) inclusive, or None for "any"."""
+        text = self.client_priority_range.strip()
+        if text == "any":
+            return None
+        lo, sep, hi = text.partition(":")
+        try:
+            bounds = (int(lo), int(hi))
+        except ValueError:
+            bounds = None
+        if not sep or bounds is None or bounds[0] > bounds[1]:
+            raise ValueError(f"--client-priority-range must be LO:HI (LO <= HI) or 'any', got {text!r}")
+        return bounds
 
 
 def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> FastAPI:
@@ -55,13 +74,15 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
 
     app = FastAPI(title="tokenyard", version=__version__, lifespan=lifespan)
     metrics = ServerMetrics(engine.stats, engine.tenant_stats, settings.metrics_max_tenants)
-    serving = OpenAIServing(engine, metrics)
+    serving = OpenAIServing(engine, metrics, priority_bounds=settings.priority_bounds,
+                            salt_by_tenant=not settings.share_prefix_cache_across_tenants)
     created = int(time.time())
     install_error_handlers(app)
     # Starlette runs the middleware added last first: the key is checked before a body is even read.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key,
+                           open_paths=PUBLIC_PATHS if settings.public_metrics else OPEN_PATHS)
 
     def model_card() -> dict:
         return {"id": engine.model_name, "object": "model", "created": created, "owned_by": "tokenyard",

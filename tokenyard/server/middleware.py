@@ -10,6 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenyard.server.errors import error_body
 
 OPEN_PATHS = frozenset({"/health"})
+PUBLIC_PATHS = OPEN_PATHS | {"/metrics", "/docs", "/redoc", "/openapi.json"}   # with --public-metrics
 
 
 async def _send_error(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -27,12 +28,13 @@ class APIKeyMiddleware:
     """Every route but ``/health`` needs ``Authorization: Bearer <key>``: the API, and also ``/metrics`` (it
     names tenants) and the OpenAPI pages. Liveness probes keep working without the key."""
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: frozenset[str] = OPEN_PATHS) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
+        self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+        if scope["type"] == "http" and scope["path"] not in self.open_paths:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 msg = ("Incorrect API key provided." if given else

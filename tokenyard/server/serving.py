@@ -92,7 +92,13 @@ def _temperature(t: float | None) -> float:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics) -> None:
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, priority_bounds: tuple[int, int] | None = None,
+                 salt_by_tenant: bool = True) -> None:
+        """``priority_bounds``: the priorities clients may ask for (None: any). ``salt_by_tenant``: a request
+        that names its tenant (``user``) and brings no ``cache_salt`` is salted by the tenant, so one tenant's
+        prompts never serve, nor show up in the ``cached_tokens`` of, another's."""
+        self.priority_bounds = priority_bounds
+        self.salt_by_tenant = salt_by_tenant
         self.engine = engine
         self.metrics = metrics
         self.tokenizer = engine.tokenizer
@@ -106,9 +112,16 @@ class OpenAIServing:
                 "priority", f"this server schedules by `{policy}`, which ignores priorities; start it with "
                             f"--scheduling-policy {' or '.join(PRIORITY_POLICIES)} to use them")
 
+    def _check_priority_bounds(self, priority: int) -> None:
+        if self.priority_bounds is not None and not self.priority_bounds[0] <= priority <= self.priority_bounds[1]:
+            lo, hi = self.priority_bounds
+            raise InvalidParameterError("priority", f"priority must be in [{lo}, {hi}] on this server "
+                                                    f"(--client-priority-range); got {priority}")
+
     async def set_priority(self, job_id: str, priority: int) -> dict:
         """Re-prioritize every choice of an API call in flight; 404 when it is unknown or already done."""
         self._check_priority_used()
+        self._check_priority_bounds(priority)
         job = self.jobs.get(job_id)
         updated = 0
         if job is not None:
@@ -149,6 +162,14 @@ class OpenAIServing:
         req.check_supported()
         if req.priority != 0:
             self._check_priority_used()
+        self._check_priority_bounds(req.priority)
+
+    def _salt(self, req: ChatCompletionRequest | CompletionRequest) -> str | None:
+        if req.cache_salt is not None:
+            return req.cache_salt
+        if self.salt_by_tenant and req.user:
+            return f"tenant:{req.user}"
+        return None
 
     def _check_fits_at_all(self, num_prompts: int, n: int) -> None:
         """A call with more choices than may ever wait at once can never be taken: 400, not a 503 to retry."""
@@ -211,7 +232,7 @@ class OpenAIServing:
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         job_id = f"{prefix}-{uuid.uuid4().hex}"
         streams = await self.engine.add_requests(
-            items, priority=req.priority, tenant=req.tenant, cache_salt=req.cache_salt,
+            items, priority=req.priority, tenant=req.tenant, cache_salt=self._salt(req),
             request_ids=[f"{job_id}-{k}" for k in range(len(items))],
         )
         choices = [_Choice(self.metrics.tracker(req.tenant, arrival)) for _ in items]
