@@ -726,3 +726,12 @@ def test_shutdown_drains_then_aborts_with_proper_errors(tiny_llama_dir, tmp_path
         assert json.loads(r[-2])["error"]["code"] == "engine_unavailable"
     log = (tmp_path / "drain.log").read_text()
     assert "Traceback" not in log, log[-2000:]
+
+
+def test_openapi_document_is_true_to_the_responses(tiny):
+    doc = httpx.get(f"{tiny.url}/openapi.json").json()
+    text = json.dumps(doc)
+    assert '"422"' not in text and "HTTPValidationError" not in text
+    chat = doc["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert chat["400"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/OpenAIError"
+    assert "/v1/requests/{request_id}/priority" in doc["paths"] and "/tokenize" in doc["paths"]

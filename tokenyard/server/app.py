@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -28,6 +29,14 @@ from tokenyard.server.protocol import (
 from tokenyard.server.serving import OpenAIServing
 
 log = logging.getLogger(__name__)
+
+
+_ERROR_SCHEMA = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
+}
 
 
 @dataclass
@@ -148,6 +157,28 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
         """Change the priority of a request in flight (the id of its response or stream); from the next step."""
         return await serving.set_priority(request_id, body.priority)
 
+    def openapi() -> dict:
+        """FastAPI's document, made true to what the server answers: bad input is a 400 in OpenAI's error shape
+        (never FastAPI's 422), and every route may answer an error in that shape."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {})["OpenAIError"] = _ERROR_SCHEMA
+            ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}}}
+            for ops in schema.get("paths", {}).values():
+                for op in ops.values():
+                    responses = op.setdefault("responses", {})
+                    responses.pop("422", None)
+                    for status, what in (("400", "Bad request (a parameter named in error.param)"),
+                                         ("401", "Missing or wrong API key"), ("404", "Unknown model or request"),
+                                         ("413", "Request body too large"), ("500", "Internal error"),
+                                         ("503", "Overloaded, or shutting down")):
+                        responses.setdefault(status, {"description": what, **ref})
+            schema["components"]["schemas"].pop("HTTPValidationError", None)
+            schema["components"]["schemas"].pop("ValidationError", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     app.state.engine = engine
     app.state.metrics = metrics
     return app
