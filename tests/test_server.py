@@ -695,23 +695,30 @@ def test_shutdown_drains_then_aborts_with_proper_errors(tiny_llama_dir, tmp_path
     the rest are aborted through the engine, each stream ending in an error event and [DONE]; exit 0, soon."""
     server = Server([str(tiny_llama_dir), "--max-num-seqs", "1", "--shutdown-timeout", "0.6"],
                     tmp_path / "drain.log")
-    body = {"messages": MSG, "max_tokens": 240, "ignore_eos": True, "stream": True}
+    body = {"messages": MSG, "max_tokens": 240, "ignore_eos": True, "stream": True, "n": 4}   # seconds of work
     results: list[list[str]] = []
 
     def stream(_: int) -> list[str]:
         with httpx.stream("POST", f"{server.url}{CHAT}", json=body, timeout=60) as r:
             return [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
 
+    def whole(_: int) -> httpx.Response:
+        return httpx.post(f"{server.url}{CHAT}", json={**body, "stream": False}, timeout=60)
+
     try:
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
-            futures = [pool.submit(stream, i) for i in range(12)]
-            time.sleep(0.3)                                   # all in flight (seconds of work), one running
+            futures, plain = [], []
+            for i in range(12):                               # alternating, in order: both kinds are queued last
+                (futures if i % 2 == 0 else plain).append(pool.submit(stream if i % 2 == 0 else whole, i))
+                time.sleep(0.02)
+            time.sleep(0.1)                                   # all in flight (seconds of work), one running
             server.proc.send_signal(signal.SIGTERM)
             time.sleep(0.2)
             health = httpx.get(f"{server.url}/health", timeout=5)
             refused = httpx.post(f"{server.url}{CHAT}", json={"messages": MSG, "max_tokens": 2}, timeout=5)
             t0 = time.monotonic()
             results = [f.result(timeout=60) for f in futures]
+            answers = [f.result(timeout=60) for f in plain]
         assert health.status_code == 503 and health.json() == {"status": "unavailable"}
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_unavailable"
         assert server.proc.wait(timeout=30) == 0
@@ -724,6 +731,10 @@ def test_shutdown_drains_then_aborts_with_proper_errors(tiny_llama_dir, tmp_path
         assert r[-1] == "[DONE]"
     for r in aborted:
         assert json.loads(r[-2])["error"]["code"] == "engine_unavailable"
+    cut = [a for a in answers if a.status_code != 200]
+    assert cut, "a non-streaming request must have been cut short too"
+    for a in cut:
+        assert a.status_code == 503 and a.json()["error"]["code"] in ("engine_unavailable", None)
     log = (tmp_path / "drain.log").read_text()
     assert "Traceback" not in log, log[-2000:]
 
