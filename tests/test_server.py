@@ -746,3 +746,5 @@ def test_openapi_document_is_true_to_the_responses(tiny):
     chat = doc["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert chat["400"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/OpenAIError"
     assert "/v1/requests/{request_id}/priority" in doc["paths"] and "/tokenize" in doc["paths"]
+    r = httpx.request("TRACE", f"{tiny.url}/version")
+    assert r.status_code == 405 and "GET" in r.headers["allow"] and r.json()["error"]["code"] == "method_not_allowed"

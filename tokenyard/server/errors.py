@@ -32,8 +32,8 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type, param, code), status_code=status)
+                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
 
 
 def from_exception(e: BaseException) -> APIError:
@@ -60,7 +60,8 @@ def _validation_error(exc: RequestValidationError) -> APIError:
                              f"({first.get('ctx', {}).get('error', 'invalid JSON')}).")
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     # Union members add their type name to the path (e.g. messages.0.content.str); keep the field path.
-    loc = [p for p in loc if not any(c in p for c in "[]") and p not in {"str", "int", "float", "list"}]
+    loc = [p for p in loc if not any(c in p for c in "[]")
+           and p not in {"str", "int", "float", "list", "constrained-str", "constrained-int"}]
     param = ".".join(loc) or None
     if first.get("type") == "missing":
         if param is None:
@@ -90,7 +91,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if e.status_code < 500 else "server_error"
-        return error_response(e.status_code, str(e.detail), kind, code=_STATUS_CODES.get(e.status_code))
+        return error_response(e.status_code, str(e.detail), kind, code=_STATUS_CODES.get(e.status_code),
+                              headers=getattr(e, "headers", None))   # e.g. a 405's Allow
 
     async def _mapped(_: Request, e: Exception) -> JSONResponse:
         err = from_exception(e)

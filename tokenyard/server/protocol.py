@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from tokenyard.sampling_params import InvalidParameterError
+
+NonEmpty = Annotated[str, StringConstraints(min_length=1)]
+TokenId = Annotated[int, Field(ge=0)]
 
 
 class StreamOptions(BaseModel):
@@ -52,7 +55,7 @@ class _SamplingFields(BaseModel):
     top_k: int | None = Field(None, ge=-1)                 # extension
     min_tokens: int = Field(0, ge=0)                      # extension
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)   # int64, like OpenAI's
-    stop: str | list[str] | None = None
+    stop: NonEmpty | list[NonEmpty] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False                              # extension
@@ -124,7 +127,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: NonEmpty | list[NonEmpty] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
@@ -191,4 +194,4 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
-    tokens: list[int] = Field(..., max_length=1 << 20)
+    tokens: list[TokenId] = Field(..., max_length=1 << 20)
