@@ -221,3 +221,12 @@ def test_top_p_below_float32_resolution_keeps_the_best_token():
     logits = torch.tensor([[0.1, 2.0, 0.3, 0.0]])
     for seed in range(5):
         assert sampler.sample(logits, [_state(temperature=1.0, top_p=1e-300, seed=seed)])[0] == [1]
+
+
+def test_logprobs_stay_finite_when_logits_are_masked():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    st = sampler.make_sample_state(SamplingParams(max_tokens=4, min_tokens=2, temperature=0, logprobs=4,
+                                                  logit_bias={1: -100.0}), torch.device("cpu"), (0,), None, 4)
+    _, lps = sampler.sample(logits, [st])
+    values = [lps[0].logprob] + [v for _, v in lps[0].top]
+    assert all(v == v and -9999.0 <= v <= 0 for v in values) and -9999.0 in values

@@ -165,6 +165,14 @@ def test_stop_strings(client, model):
     assert texts == {0: cut.text} and reasons == {0: "stop"}
 
 
+def test_extreme_sampling_values_found_by_the_fuzzer_answer_200(tiny):
+    body = {"prompt": "0", "max_tokens": 3, "temperature": 0.0, "top_p": 5e-324, "repetition_penalty": 0.01,
+            "logprobs": 5, "min_tokens": 3, "logit_bias": {"2": -100}}
+    r = httpx.post(f"{tiny.url}{COMP}", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    assert all(v >= -9999.0 for v in r.json()["choices"][0]["logprobs"]["token_logprobs"])
+
+
 def test_sampling_knobs_are_honoured(client, model):
     kw = dict(model=model, prompt="w40 w41 w42", max_tokens=6, temperature=0)
     plain = client.completions.create(**kw).choices[0]

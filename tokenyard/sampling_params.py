@@ -56,8 +56,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             _check(_is_number(v) and -2 <= v <= 2, name, f"must be in [-2, 2], got {v!r}")
-        _check(_is_number(self.repetition_penalty) and 0 < self.repetition_penalty <= 100,
-               "repetition_penalty", f"must be in (0, 100], got {self.repetition_penalty!r}")
+        _check(_is_number(self.repetition_penalty) and 0.01 <= self.repetition_penalty <= 100,
+               "repetition_penalty", f"must be in [0.01, 100], got {self.repetition_penalty!r}")
         _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}")
         self.logit_bias = dict(self.logit_bias or {})
         _check(all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 and _is_number(b) and -100 <= b <= 100

@@ -13,6 +13,7 @@ from tokenyard.sampling_params import SamplingParams
 
 # The token ``sample`` reports for a request whose sampling failed; the reason is in its ``SampleState.error``.
 SAMPLE_FAILED = -1
+LOGPROB_FLOOR = -9999.0
 
 
 @dataclass
@@ -117,6 +118,8 @@ def sample(logits: torch.Tensor, states: list[SampleState]) -> tuple[list[int], 
     want = [i for i, s in enumerate(states) if s.params.logprobs is not None and tokens[i] != SAMPLE_FAILED]
     if want:
         lp = torch.log_softmax(logits[torch.tensor(want)].float(), dim=-1)
+        # Masked or overflowing logits give -inf (or NaN): JSON has neither; report OpenAI's floor instead.
+        lp = torch.nan_to_num(lp, nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR, posinf=0.0).clamp_(min=LOGPROB_FLOOR)
         for row, i in enumerate(want):
             k = states[i].params.logprobs
             top = []

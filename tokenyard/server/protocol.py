@@ -65,7 +65,7 @@ class _SamplingFields(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None            # token id (as a string, OpenAI's way) -> [-100, 100]
-    repetition_penalty: float | None = Field(None, gt=0, le=100)   # extension (vLLM's)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)   # extension (vLLM's)
     min_p: float | None = Field(None, ge=0, le=1)                   # extension (vLLM's)
 
     def stop_list(self) -> list[str]:
@@ -127,7 +127,8 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: NonEmpty | list[NonEmpty] | list[TokenId] | list[list[TokenId]]
+    prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)] \
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
@@ -178,7 +179,7 @@ class TokenizeRequest(BaseModel):
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool = True
 
     @model_validator(mode="after")
