@@ -178,3 +178,16 @@ def test_a_hash_collision_cannot_serve_another_prompts_kv(monkeypatch):
         sched.update_from_output(out, {rid: 5})
         sched.check_invariants()
     assert starts == {"other": 0, "same": 4}   # all four blocks share one hash: only the first is registered
+
+
+def test_prefix_lookups_are_counted_once_per_admission_not_per_retry():
+    kv = KVCacheManager(6, 4, 0, True)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), kv)
+    sched.add_request(Request("big", list(range(3, 19)), 8, arrival_time=0.0))     # 4 blocks, grows to 6
+    sched.update_from_output(sched.schedule(), {"big": 5})
+    sched.add_request(Request("blocked", list(range(40, 52)), 4, arrival_time=1.0))   # 3 blocks: must wait
+    for _ in range(5):
+        out = sched.schedule()
+        sched.update_from_output(out, {c.request_id: 5 for c in out.chunks if c.sample})
+    assert sched.requests["blocked"].status is RequestStatus.WAITING
+    assert kv.prefix_queries == 16          # only the admitted request's lookup, not the blocked one's retries

@@ -756,3 +756,39 @@ def test_openapi_document_is_true_to_the_responses(tiny):
     assert "/v1/requests/{request_id}/priority" in doc["paths"] and "/tokenize" in doc["paths"]
     r = httpx.request("TRACE", f"{tiny.url}/version")
     assert r.status_code == 405 and "GET" in r.headers["allow"] and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_engine_loop_crash_makes_the_server_exit_non_zero(tiny_llama_dir, tmp_path):
+    """A supervisor must see the failure: the process exits 1 with a clear line, not a zombie answering 503."""
+    import subprocess
+    import sys
+
+    from tests.servers import free_port
+
+    port = free_port()
+    code = ("import sys\n"
+            "import tokenyard.engine.llm_engine as m\n"
+            "def broken_step(self):\n    raise RuntimeError('injected engine failure')\n"
+            "m.LLMEngine.step = broken_step\n"
+            "from tokenyard.cli import main\n"
+            f"sys.exit(main(['serve', {str(tiny_llama_dir)!r}, '--port', '{port}', '--log-level', 'warning']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server not ready"
+            time.sleep(0.1)
+        r = httpx.post(f"{url}{CHAT}", json={"messages": MSG, "max_tokens": 2}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+        assert proc.wait(timeout=30) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "the engine loop failed" in proc.stdout.read()
