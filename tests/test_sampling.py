@@ -230,3 +230,28 @@ def test_logprobs_stay_finite_when_logits_are_masked():
     _, lps = sampler.sample(logits, [st])
     values = [lps[0].logprob] + [v for _, v in lps[0].top]
     assert all(v == v and -9999.0 <= v <= 0 for v in values) and -9999.0 in values
+
+
+def test_repetition_penalty_and_min_p_match_transformers_processors():
+    """Reference implementations: transformers' RepetitionPenaltyLogitsProcessor (over prompt + output ids) and
+    MinPLogitsWarper, on random logits."""
+    from transformers import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 50
+    for r in (0.5, 1.3, 2.0):
+        logits = torch.randn(1, vocab, generator=g) * 4
+        prompt = torch.randint(0, vocab, (12,), generator=g).tolist()
+        st = _state(temperature=0, repetition_penalty=r, prompt=prompt, vocab=vocab)
+        for t in (3, 7):
+            st.record(t)
+        ours = logits[0].clone()
+        st.process(ours)
+        ref = RepetitionPenaltyLogitsProcessor(r)(torch.tensor([prompt + [3, 7]]), logits.clone())[0]
+        assert torch.allclose(ours, ref)
+    for min_p in (0.05, 0.3):
+        logits = torch.randn(1, vocab, generator=g) * 3
+        kept_ref = torch.isfinite(MinPLogitsWarper(min_p)(None, logits.clone()))[0]
+        seen = {sampler.sample(logits, [_state(temperature=1.0, seed=s, min_p=min_p, vocab=vocab)])[0][0]
+                for s in range(300)}
+        assert seen <= set(torch.nonzero(kept_ref).flatten().tolist())
