@@ -255,3 +255,15 @@ def test_repetition_penalty_and_min_p_match_transformers_processors():
         seen = {sampler.sample(logits, [_state(temperature=1.0, seed=s, min_p=min_p, vocab=vocab)])[0][0]
                 for s in range(300)}
         assert seen <= set(torch.nonzero(kept_ref).flatten().tolist())
+
+
+def test_stop_strings_wait_for_min_tokens(llm):
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    ref = llm.generate(["w20 w21"], greedy)[0]
+    first_word = ref.text.split()[0]
+    cut = llm.generate(["w20 w21"], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
+                                                   stop=[first_word]))[0]
+    assert cut.finish_reason == "stop" and cut.text.strip() == ""
+    late = llm.generate(["w20 w21"], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, min_tokens=3,
+                                                    stop=[first_word]))[0]
+    assert len(late.token_ids) >= 3   # no stop check before min_tokens, as in vLLM

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import re
@@ -165,6 +166,14 @@ def test_stop_strings(client, model):
     assert texts == {0: cut.text} and reasons == {0: "stop"}
 
 
+def test_common_client_bookkeeping_fields_are_accepted(tiny):
+    body = {"messages": MSG, "max_tokens": 2, "store": False, "metadata": {"app": "x"}, "service_tier": "auto",
+            "parallel_tool_calls": True, "tool_choice": "auto", "modalities": ["text"], "prompt_cache_key": "k",
+            "stop_token_ids": [2], "skip_special_tokens": False, "add_generation_prompt": True}
+    r = httpx.post(f"{tiny.url}{CHAT}", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+
+
 def test_extreme_sampling_values_found_by_the_fuzzer_answer_200(tiny):
     body = {"prompt": "0", "max_tokens": 3, "temperature": 0.0, "top_p": 5e-324, "repetition_penalty": 0.01,
             "logprobs": 5, "min_tokens": 3, "logit_bias": {"2": -100}}
@@ -261,6 +270,11 @@ BAD = [  # path, body, status, param, code (None: not checked)
     (CHAT, {"messages": MSG, "logit_bias": {"5": 200}}, 400, "logit_bias", None),
     (CHAT, {"messages": MSG, "repetition_penalty": 0}, 400, "repetition_penalty", None),
     (CHAT, {"messages": MSG, "mystery_knob": 1}, 400, "mystery_knob", None),
+    (CHAT, {"messages": MSG, "tool_choice": {"type": "function"}}, 400, "tool_choice", None),
+    (CHAT, {"messages": MSG, "reasoning_effort": "low"}, 400, "reasoning_effort", None),
+    (CHAT, {"messages": MSG, "chat_template_kwargs": {"x": 1}}, 400, "chat_template_kwargs", None),
+    (COMP, {"prompt": "w5", "include_stop_str_in_output": True}, 400, "include_stop_str_in_output", None),
+    (COMP, {"prompt": "w5", "stop": [f"w{i}" for i in range(17)]}, 400, "stop", None),
     (CHAT, {"messages": MSG, "max_tokens": "16"}, 400, "max_tokens", None),
     (CHAT, "", 400, None, None),                          # no body at all
     (CHAT, {"messages": MSG, "stream": "yes"}, 400, "stream", None),
@@ -792,3 +806,24 @@ def test_engine_loop_crash_makes_the_server_exit_non_zero(tiny_llama_dir, tmp_pa
         if proc.poll() is None:
             proc.kill()
     assert "the engine loop failed" in proc.stdout.read()
+
+
+def test_a_second_signal_stops_at_once(tiny_llama_dir, tmp_path):
+    server = Server([str(tiny_llama_dir), "--max-num-seqs", "1", "--shutdown-timeout", "60"], tmp_path / "twice.log")
+    body = {"messages": MSG, "max_tokens": 240, "ignore_eos": True, "n": 8}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            calls = [pool.submit(httpx.post, f"{server.url}{CHAT}", json=body, timeout=120) for _ in range(4)]
+            time.sleep(0.5)
+            server.proc.send_signal(signal.SIGTERM)           # drain: would wait up to 60 s
+            time.sleep(0.5)
+            assert server.proc.poll() is None
+            t0 = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)           # stop now
+            assert server.proc.wait(timeout=30) == 0
+            assert time.monotonic() - t0 < 15
+            for c in calls:
+                with contextlib.suppress(httpx.HTTPError):
+                    c.result(timeout=30)
+    finally:
+        server.stop()

@@ -106,7 +106,11 @@ def _serve(args: argparse.Namespace) -> int:
         def handle_exit(self, sig: int, frame) -> None:
             """SIGTERM/SIGINT: drain first (the listener stays open: new requests and /health get 503 JSON),
             then stop. A second signal stops at once, as plain uvicorn does."""
-            if self.draining or not self.started or self.should_exit:
+            if self.draining:   # a second signal: stop now
+                self._captured_signals.append(sig)
+                self.should_exit = self.force_exit = True
+                return
+            if not self.started or self.should_exit:
                 super().handle_exit(sig, frame)
                 return
             self.draining = True
@@ -114,6 +118,12 @@ def _serve(args: argparse.Namespace) -> int:
             asyncio.get_event_loop().call_soon_threadsafe(lambda: asyncio.ensure_future(self.drain()))
 
         async def drain(self) -> None:
+            try:
+                await self._drain()
+            finally:   # whatever happens, the server stops
+                self.should_exit = True
+
+        async def _drain(self) -> None:
             async_engine.stop_accepting()
             deadline = time.monotonic() + args.shutdown_timeout
             if async_engine.num_inflight:
@@ -129,7 +139,6 @@ def _serve(args: argparse.Namespace) -> int:
                 grace = time.monotonic() + 5.0
                 while async_engine.num_inflight and time.monotonic() < grace:
                     await asyncio.sleep(0.05)
-            self.should_exit = True
 
     # tokenyard drains on SIGINT/SIGTERM (Server.drain above); then uvicorn closes the connections (a few
     # seconds at most: the responses are complete by then) and runs the app's lifespan exit, which stops the
@@ -137,17 +146,18 @@ def _serve(args: argparse.Namespace) -> int:
     # that a clean exit (status 0), since the shutdown it asked for has completed.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5, access_log=args.access_log)
-    signal.signal(signal.SIGTERM, _exit_cleanly)
+    def exit_after_sigterm(*_: object) -> None:
+        if failed:   # the engine died during the drain: still a failure
+            print(f"tokenyard: the engine loop failed ({failed[0]!r}); exiting", file=sys.stderr, flush=True)
+        raise SystemExit(1 if failed else 0)
+
+    signal.signal(signal.SIGTERM, exit_after_sigterm)
     server = Server(config)
     server.run()
     if failed:  # the engine loop died: exit non-zero rather than answer 503 forever
         print(f"tokenyard: the engine loop failed ({failed[0]!r}); exiting", file=sys.stderr, flush=True)
         return 1
     return 0
-
-
-def _exit_cleanly(*_: object) -> None:
-    raise SystemExit(0)
 
 
 # --------------------------------------------------------------------------- one-off answers

@@ -47,6 +47,8 @@ class SamplingParams:
                                      and SEED_MIN <= self.seed <= SEED_MAX),
                "seed", f"must be an integer in [-2**63, 2**64), got {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+        _check(len(self.stop) <= 16 and all(len(s) <= 256 for s in self.stop), "stop",
+               "may hold at most 16 strings of at most 256 characters (each is searched for after every token)")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                "stop_token_ids", "must be non-negative integers")
         _check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,

@@ -269,7 +269,7 @@ class LLMEngine:
         status = req.status
         hide = status is RequestStatus.FINISHED_STOPPED and tok in req.stop_token_ids
         delta = "" if hide else t.detok.add([tok])
-        if t.params.stop and delta:
+        if t.params.stop and delta and req.num_output_tokens >= t.params.min_tokens:   # vLLM: none before
             cut = self._find_stop(t, delta)
             if cut is not None:
                 delta = delta[: max(cut - (len(t.detok.text) - len(delta)), 0)]

@@ -27,6 +27,10 @@ class SampleState:
     seen: torch.Tensor | None = None           # [V] bool: in the prompt or generated (repetition penalty)
     bias_ids: torch.Tensor | None = None
     bias_values: torch.Tensor | None = None
+    # Vocabulary-sized tensors are made at the first sample, not while the request waits in the queue.
+    vocab_size: int = 0
+    prompt_token_ids: list[int] | None = None
+    device: torch.device | None = None
 
     @property
     def masks_stops(self) -> bool:
@@ -38,14 +42,31 @@ class SampleState:
 
     def record(self, token: int) -> None:
         self.num_sampled += 1
+        if self.params.penalized:
+            self._materialize()
         if self.output_counts is not None:
             self.output_counts[token] += 1
         if self.seen is not None:
             self.seen[token] = True
 
+    def _materialize(self) -> None:
+        p, dev = self.params, self.device
+        if (p.presence_penalty or p.frequency_penalty) and self.output_counts is None:
+            self.output_counts = torch.zeros(self.vocab_size, device=dev)
+        if p.repetition_penalty != 1.0 and self.seen is None:
+            self.seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=dev)
+            if self.prompt_token_ids:
+                self.seen[torch.tensor(self.prompt_token_ids, device=dev)] = True
+            self.prompt_token_ids = None
+        if p.logit_bias and self.bias_ids is None:
+            self.bias_ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=dev)
+            self.bias_values = torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=dev)
+
     def process(self, row: torch.Tensor) -> None:
         """Apply this request's logit processing to its row of logits, in place."""
         p = self.params
+        if p.penalized:
+            self._materialize()
         if self.bias_ids is not None:
             row.index_add_(0, self.bias_ids, self.bias_values.to(row.dtype))
         if self.seen is not None:
@@ -72,15 +93,9 @@ def make_sample_state(params: SamplingParams, device: torch.device, stop_token_i
     if params.penalized:
         if vocab_size is None:
             raise ValueError("penalties need the vocabulary size")
-        if params.presence_penalty or params.frequency_penalty:
-            state.output_counts = torch.zeros(vocab_size, device=device)
+        state.vocab_size, state.device = vocab_size, device
         if params.repetition_penalty != 1.0:
-            state.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            if prompt_token_ids:
-                state.seen[torch.tensor(prompt_token_ids, device=device)] = True
-        if params.logit_bias:
-            state.bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=device)
-            state.bias_values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=device)
+            state.prompt_token_ids = list(prompt_token_ids or [])
     return state
 
 
@@ -133,6 +148,9 @@ def sample(logits: torch.Tensor, states: list[SampleState]) -> tuple[list[int], 
 def _sample_row(row: torch.Tensor, s: SampleState) -> int:
     p = s.params
     row = row.float() / p.temperature
+    if p.min_p > 0:   # before top-k/top-p, as vLLM does: relative to the likeliest token of the whole row
+        probs = row.softmax(-1)
+        row = row.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
     if p.top_k > 0 and p.top_k < row.shape[-1]:
         kth = row.topk(p.top_k).values[-1]
         row = row.masked_fill(row < kth, float("-inf"))
@@ -145,9 +163,6 @@ def _sample_row(row: torch.Tensor, s: SampleState) -> int:
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         row = torch.full_like(row, float("-inf")).scatter(0, order, sorted_logits)
     probs = row.softmax(-1)
-    if p.min_p > 0:
-        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        probs = probs / probs.sum()
     # NaN/inf logits (or nothing left to pick) make softmax non-finite. Check before multinomial: on CPU it
     # would raise anyway, but on CUDA it trips a device-side assert that takes the whole process down.
     if not bool(torch.isfinite(probs).all()):

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from tokenyard.sampling_params import InvalidParameterError
 
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
+MAX_STOPS, MAX_STOP_CHARS = 16, 256   # each stop string is searched for after every token
 TokenId = Annotated[int, Field(ge=0)]
 
 
@@ -67,6 +68,17 @@ class _SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = None            # token id (as a string, OpenAI's way) -> [-100, 100]
     repetition_penalty: float | None = Field(None, ge=0.01, le=100)   # extension (vLLM's)
     min_p: float | None = Field(None, ge=0, le=1)                   # extension (vLLM's)
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=64)   # extension (vLLM's)
+    skip_special_tokens: bool = True                                  # extension (vLLM's)
+    # Accepted and ignored: bookkeeping that does not change what is generated (OpenAI's store/metadata/...).
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    parallel_tool_calls: bool | None = None        # moot without tools, which are refused
+    # vLLM's, honoured only in their default (anything else is refused by check_supported).
+    include_stop_str_in_output: bool = False
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -74,6 +86,9 @@ class _SamplingFields(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         if any(not s for s in stops):
             raise InvalidParameterError("stop", "stop strings must not be empty")
+        if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise InvalidParameterError("stop", f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} "
+                                                "characters each")
         return stops
 
     def logit_bias_ids(self) -> dict[int, float]:
@@ -88,6 +103,8 @@ class _SamplingFields(BaseModel):
 
     def check_supported(self) -> None:
         """Reject OpenAI parameters the engine cannot honour, instead of silently ignoring them."""
+        if self.include_stop_str_in_output:
+            raise InvalidParameterError("include_stop_str_in_output", "include_stop_str_in_output is not supported")
         if self.stream_options is not None and not self.stream:
             raise InvalidParameterError("stream_options", "stream_options is only allowed when stream is true")
 
@@ -102,7 +119,12 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict] | None = None
+    tool_choice: str | dict | None = None      # only "none" / "auto" (there are no tools to choose)
     response_format: dict | None = None
+    modalities: list[str] | None = None        # only ["text"]
+    reasoning_effort: str | None = None        # no reasoning model here: only null
+    add_generation_prompt: bool = True         # vLLM's
+    chat_template_kwargs: dict | None = None   # vLLM's: only empty
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
@@ -116,6 +138,14 @@ class ChatCompletionRequest(_SamplingFields):
             raise InvalidParameterError("tools", "tools (function calling) are not supported")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise InvalidParameterError("response_format", "only response_format type 'text' is supported")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise InvalidParameterError("tool_choice", "tool_choice needs tools, which are not supported")
+        if self.modalities not in (None, ["text"]):
+            raise InvalidParameterError("modalities", "only the text modality is supported")
+        if self.reasoning_effort is not None:
+            raise InvalidParameterError("reasoning_effort", "this model does not reason; leave reasoning_effort out")
+        if self.chat_template_kwargs:
+            raise InvalidParameterError("chat_template_kwargs", "chat_template_kwargs are not supported")
 
     @property
     def output_limit(self) -> int | None:

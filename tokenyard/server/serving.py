@@ -137,7 +137,7 @@ class OpenAIServing:
         self._check_common(req)
         self._check_fits_at_all(1, req.n)
         messages = [m.as_template_input() for m in req.messages]
-        ids = await asyncio.to_thread(self.tokenizer.apply_chat_template, messages)
+        ids = await asyncio.to_thread(self.tokenizer.apply_chat_template, messages, req.add_generation_prompt)
         job = await self._start("chat", req, [ids], req.output_limit, req.num_logprobs, arrival)
         if req.stream:
             return self._sse(job, self._chat_chunks(job))
@@ -162,13 +162,14 @@ class OpenAIServing:
         req.check_supported()
         if req.priority != 0:
             self._check_priority_used()
-        self._check_priority_bounds(req.priority)
+        if "priority" in req.model_fields_set:   # the default (0) is the server's own choice, never out of range
+            self._check_priority_bounds(req.priority)
 
     def _salt(self, req: ChatCompletionRequest | CompletionRequest) -> str | None:
         if req.cache_salt is not None:
-            return req.cache_salt
+            return f"salt:{req.cache_salt}"
         if self.salt_by_tenant and req.user:
-            return f"tenant:{req.user}"
+            return f"tenant:{req.user}"   # explicit salts live in another namespace (see _start)
         return None
 
     def _check_fits_at_all(self, num_prompts: int, n: int) -> None:
@@ -228,6 +229,8 @@ class OpenAIServing:
                     repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                     min_p=req.min_p or 0.0,
                     logit_bias=bias,
+                    stop_token_ids=list(req.stop_token_ids or []),
+                    skip_special_tokens=req.skip_special_tokens,
                 )))
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         job_id = f"{prefix}-{uuid.uuid4().hex}"
