@@ -144,9 +144,6 @@ class KVCacheManager:
         self._num_cached.pop(req_id, None)
         return [(b.block_id, h) for b, h in zip(blocks, host)]
 
-    def can_swap_in(self, req_id: str, extra_blocks: int = 0) -> bool:
-        return len(self.host_blocks.get(req_id, ())) + extra_blocks <= self.pool.num_free_blocks
-
     def swap_in(self, req_id: str) -> list[tuple[int, int]]:
         """Bring the request's blocks back to the device; returns (host, device) copies."""
         host = self.host_blocks.pop(req_id, [])

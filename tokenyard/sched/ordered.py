@@ -5,9 +5,9 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator
 
-from tokenyard.invariants import InvariantError, require
+from tokenyard.invariants import require
 from tokenyard.sched.accounting import ServiceLedger
-from tokenyard.sched.policy import SchedulingPolicy
+from tokenyard.sched.policy import SchedulingPolicy, remove_sorted
 from tokenyard.sched.request import Request
 
 
@@ -23,11 +23,7 @@ class _SortedQueuePolicy(SchedulingPolicy):
         self._ids.add(req.request_id)
 
     def remove(self, req: Request) -> None:
-        i = bisect.bisect_left(self._queue, self.urgency(req), key=self.urgency)
-        if i >= len(self._queue) or self._queue[i] is not req:
-            # Its key changed behind the policy's back (not through set_priority): the queue is unsorted.
-            raise InvariantError(f"request {req.request_id} is not where its key puts it in the {self.name} queue")
-        del self._queue[i]
+        remove_sorted(self._queue, req, self.urgency, f"the {self.name} queue")
         self._ids.discard(req.request_id)
 
     def peek(self) -> Request | None:

@@ -17,13 +17,24 @@ policy's order) and answers the scheduler's questions:
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import ClassVar
 
+from tokenyard.invariants import InvariantError
 from tokenyard.sched.accounting import Charge, ServiceLedger
 from tokenyard.sched.request import Request
+
+
+def remove_sorted(items: list[Request], req: Request, key: Callable[[Request], tuple], where: str) -> None:
+    """Remove ``req`` from ``items`` (sorted by ``key``) in O(log n) to find it. A request that is not where its
+    key puts it had its key changed behind the policy's back (not through set_priority): the list is unsorted."""
+    i = bisect.bisect_left(items, key(req), key=key)
+    if i >= len(items) or items[i] is not req:
+        raise InvariantError(f"request {req.request_id} is not where its key puts it in {where} (out of order)")
+    del items[i]
 
 
 class SchedulingPolicy(ABC):

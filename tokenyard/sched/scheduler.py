@@ -325,6 +325,7 @@ class Scheduler:
         self.policy.check()
         bs = self.kv.block_size
         seen: set[str] = set()
+        running_ids = {r.request_id for r in self.running}
         for req in [*self.running, *self.policy.queued()]:
             rid = req.request_id
             require(rid not in seen, f"request {rid} is both running and queued, or queued twice")
@@ -335,7 +336,7 @@ class Scheduler:
             if req.status is RequestStatus.WAITING:
                 require(dev == host == 0 and req.num_computed_tokens == 0, f"waiting {rid} holds KV")
             elif req.status is RequestStatus.RUNNING:
-                require(req in self.running, f"request {rid} is RUNNING but queued")
+                require(rid in running_ids, f"request {rid} is RUNNING but queued")
                 require(dev == want and host == 0, f"running {rid}: {dev} blocks, {want} expected")
             elif req.status is RequestStatus.SWAPPED:
                 require(host == want and dev == 0, f"swapped {rid}: {host} host blocks, {want} expected")

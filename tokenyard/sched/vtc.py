@@ -22,9 +22,9 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator
 
-from tokenyard.invariants import InvariantError, require
+from tokenyard.invariants import require
 from tokenyard.sched.accounting import Charge, ServiceLedger
-from tokenyard.sched.policy import SchedulingPolicy
+from tokenyard.sched.policy import SchedulingPolicy, remove_sorted
 from tokenyard.sched.request import Request
 
 
@@ -87,10 +87,7 @@ class VTCPolicy(SchedulingPolicy):
         band_key = self._band(req)
         band = self._bands.get(band_key, {})
         fifo = band.get(req.tenant, [])
-        i = bisect.bisect_left(fifo, self._fifo(req), key=self._fifo)
-        if i >= len(fifo) or fifo[i] is not req:
-            raise InvariantError(f"request {req.request_id} is not in the {self.name} queue where it belongs")
-        del fifo[i]
+        remove_sorted(fifo, req, self._fifo, f"the {self.name} queue")
         if not fifo:
             del band[req.tenant]
             if not band:
@@ -121,10 +118,6 @@ class VTCPolicy(SchedulingPolicy):
 
     def __contains__(self, req: Request) -> bool:
         return req.request_id in self._ids
-
-    def backlogged_tenants(self) -> set[str]:
-        """Tenants with at least one queued request (VTC's backlog)."""
-        return set(self._num_queued)
 
     def check(self) -> None:
         counts: dict[str, int] = {}
