@@ -187,8 +187,10 @@ class LLMEngine:
         )
         # Everything that can fail runs before the scheduler owns the request; undo the runner's part if the
         # scheduler refuses (e.g. a request that can never fit the pool), so a failure leaves nothing behind.
-        stop_for_min = tuple(sorted(t for t in stop_ids if 0 <= t < self.model_config.vocab_size))
-        self.runner.add_request(rid, params, stop_for_min if params.min_tokens else (), ids)
+        stop_for_min = ()
+        if params.min_tokens:
+            stop_for_min = tuple(sorted(t for t in stop_ids if 0 <= t < self.model_config.vocab_size))
+        self.runner.add_request(rid, params, stop_for_min, ids)
         try:
             self.scheduler.add_request(req)
         except BaseException:

@@ -31,6 +31,7 @@ class SampleState:
     vocab_size: int = 0
     prompt_token_ids: list[int] | None = None
     device: torch.device | None = None
+    penalized: bool = False   # params.penalized, read once: it is asked for every request every step
 
     @property
     def masks_stops(self) -> bool:
@@ -38,11 +39,11 @@ class SampleState:
 
     @property
     def processes_logits(self) -> bool:
-        return self.params.penalized or self.masks_stops
+        return self.penalized or self.masks_stops
 
     def record(self, token: int) -> None:
         self.num_sampled += 1
-        if self.params.penalized:
+        if self.penalized:
             self._materialize()
         if self.output_counts is not None:
             self.output_counts[token] += 1
@@ -65,7 +66,7 @@ class SampleState:
     def process(self, row: torch.Tensor) -> None:
         """Apply this request's logit processing to its row of logits, in place."""
         p = self.params
-        if p.penalized:
+        if self.penalized:
             self._materialize()
         if self.bias_ids is not None:
             row.index_add_(0, self.bias_ids, self.bias_values.to(row.dtype))
@@ -89,8 +90,8 @@ def make_sample_state(params: SamplingParams, device: torch.device, stop_token_i
         generator = torch.Generator(device=device)
         # A request's own generator makes its draws independent of whatever else is in the batch.
         generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
-    state = SampleState(params, generator, stop_token_ids=stop_token_ids)
-    if params.penalized:
+    state = SampleState(params, generator, stop_token_ids=stop_token_ids, penalized=params.penalized)
+    if state.penalized:
         if vocab_size is None:
             raise ValueError("penalties need the vocabulary size")
         state.vocab_size, state.device = vocab_size, device
