@@ -109,10 +109,6 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name != engine.model_name:
-            raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
-
     @app.get("/version")
     async def version() -> dict:
         return {"version": __version__}
@@ -120,7 +116,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
         """vLLM's: the token ids of a prompt, or of chat messages as the chat template renders them."""
-        check_model(body.model)
+        serving.check_model(body.model)
         if body.messages is not None:
             messages = [m.as_template_input() for m in body.messages]
             ids = await asyncio.to_thread(engine.tokenizer.apply_chat_template, messages)
@@ -130,7 +126,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
-        check_model(body.model)
+        serving.check_model(body.model)
         vocab = engine.tokenizer.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
@@ -143,7 +139,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict:
-        check_model(model_id)
+        serving.check_model(model_id)
         return model_card()
 
     @app.post("/v1/chat/completions")

@@ -155,10 +155,14 @@ class OpenAIServing:
         return await self._unless_disconnected(raw, self._completion_response(job))
 
     # ------------------------------------------------------------------ shared steps
-    def _check_common(self, req: ChatCompletionRequest | CompletionRequest) -> None:
-        if req.model is not None and req.model != self.engine.model_name:
-            raise APIError(404, f"The model `{req.model}` does not exist. This server serves "
+    def check_model(self, name: str | None) -> None:
+        """404 for a model this server does not serve (None: the client did not say, which is fine)."""
+        if name is not None and name != self.engine.model_name:
+            raise APIError(404, f"The model `{name}` does not exist. This server serves "
                                 f"`{self.engine.model_name}`.", param="model", code="model_not_found")
+
+    def _check_common(self, req: ChatCompletionRequest | CompletionRequest) -> None:
+        self.check_model(req.model)
         req.check_supported()
         if req.priority != 0:
             self._check_priority_used()
