@@ -39,6 +39,7 @@ def workloads(draw):
         mode=draw(st.sampled_from(["recompute", "swap"])),
         host_blocks=draw(st.integers(0, 64)),
         caching=draw(st.booleans()),
+        overlap=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -50,15 +51,16 @@ def test_random_workloads_keep_invariants_and_finish(w):
     kv = KVCacheManager(w["num_blocks"], w["block_size"], w["host_blocks"], w["caching"])
     sched = Scheduler(
         SchedulerConfig(max_num_batched_tokens=w["budget"], max_num_seqs=w["max_num_seqs"],
-                        scheduling_policy=w["policy"], preemption_mode=w["mode"]),
+                        scheduling_policy=w["policy"], preemption_mode=w["mode"], swap_overlap=w["overlap"]),
         kv,
     )
+    in_flight: list[int] = []
     shared_prefix = [_fake_token(rng) for _ in range(64)]
     pending = sorted(enumerate(w["reqs"]), key=lambda x: x[1]["arrive"])
     live: dict[str, Request] = {}
     finished: dict[str, RequestStatus] = {}
     step = 0
-    while pending or sched.has_unfinished_requests():
+    while pending or sched.has_unfinished_requests() or sched.has_transfers_in_flight():
         while pending and pending[0][1]["arrive"] <= step:
             i, spec = pending.pop(0)
             base = shared_prefix if spec["shared"] else [_fake_token(rng) for _ in range(64)]
@@ -73,7 +75,11 @@ def test_random_workloads_keep_invariants_and_finish(w):
         out = sched.schedule()
         sched.check_output(out)
         sampled = {c.request_id: _fake_token(rng) for c in out.chunks if c.sample}
-        sched.update_from_output(out, sampled)
+        # Overlapped transfers land one to three steps later, in any order.
+        in_flight += [t.transfer_id for t in out.transfers if not t.blocking]
+        landed = [t for t in in_flight if rng.random() < 0.5]
+        in_flight = [t for t in in_flight if t not in landed]
+        sched.update_from_output(out, sampled, landed)
         sched.check_invariants()
         for rid, req in list(live.items()):
             if req.status.finished:

@@ -2,9 +2,12 @@
 policy and both preemption modes. After every step, besides ``check_invariants()``:
 
 (a) no inversion: no request preempted in the step is more urgent, by the policy, than one that kept its blocks;
-(b) KV content: a shadow copy of every device and host block's tokens, written as the runner would (swap-outs,
-    then swap-ins, then the chunks), shows that whatever a chunk attends to (prefix-cache hits, swapped-in
-    blocks, earlier chunks) holds exactly the tokens the request had there;
+(b) KV content: a shadow copy of every device and host block's tokens, written as the runner would (blocking
+    transfers in decision order, then the chunks), shows that whatever a chunk attends to (prefix-cache hits,
+    swapped-in blocks, host prefix hits, earlier chunks) holds exactly the tokens the request had there, and a
+    swapping-in request's blocks hold them when its transfer lands. Overlapped transfers land after an arbitrary
+    delay, in any order, and their copy is made on the shadow only then: a block written while a copy from or
+    to it was in flight would show up as wrong content. No chunk may write a block an in-flight copy touches;
 (c) VTC's bound: two tenants backlogged over an interval differ in (weight-normalised) service by at most
     ``2 * max(w_p * L_input, w_q * M)``, checked under ``vtc``.
 
@@ -84,6 +87,10 @@ def configs(draw):
         mode=draw(st.sampled_from(["recompute", "swap"])),
         host_blocks=draw(st.integers(0, 64)),
         caching=draw(st.booleans()),
+        overlap=draw(st.booleans()),
+        groups=draw(st.booleans()),
+        host_cache=draw(st.booleans()),
+        land_p=draw(st.sampled_from([0.0, 0.3, 1.0])),   # chance an in-flight transfer lands at a step's end
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -93,12 +100,16 @@ class SchedulerMachine(RuleBasedStateMachine):
     def setup(self, cfg):
         self.cfg = cfg
         self.bs = cfg["block_size"]
-        self.kv = KVCacheManager(cfg["num_blocks"], self.bs, cfg["host_blocks"], cfg["caching"])
+        self.kv = KVCacheManager(cfg["num_blocks"], self.bs, cfg["host_blocks"], cfg["caching"],
+                                 block_groups=cfg["groups"], host_cache=cfg["host_cache"])
         self.sched = Scheduler(
             SchedulerConfig(max_num_batched_tokens=cfg["budget"], max_num_seqs=cfg["max_num_seqs"],
-                            scheduling_policy=cfg["policy"], preemption_mode=cfg["mode"]),
+                            scheduling_policy=cfg["policy"], preemption_mode=cfg["mode"],
+                            swap_overlap=cfg["overlap"]),
             self.kv,
         )
+        self.in_flight: dict[int, object] = {}   # transfer id -> KVTransfer whose copy has not run yet
+        self._transfer_of: dict[int, str] = {}   # in-flight swap-in / host load -> its request
         self.rng = random.Random(cfg["seed"])
         self.shared = [self.rng.randrange(3, 30) for _ in range(MAX_PROMPT)]
         self.device: dict[int, list[int | None]] = {}
@@ -143,21 +154,36 @@ class SchedulerMachine(RuleBasedStateMachine):
         for _ in range(n):
             self._one_step()
 
+    @rule()
+    def drop_device_prefix_cache(self):
+        """Forget the device's prefix hashes (as eviction would), so a later prompt finds its prefix on the host."""
+        self.kv.pool.reset_prefix_cache()
+
+    @rule(index=st.integers(0, 1000))
+    def land_one(self, index):
+        """The runner reports one in-flight transfer done, whichever it is (completions come in any order)."""
+        if self.in_flight:
+            tid = sorted(self.in_flight)[index % len(self.in_flight)]
+            self._copy(self.in_flight.pop(tid))
+            self.sched.complete_transfers([tid])
+            self._check_landed(tid)
+
     def teardown(self):
         if not hasattr(self, "sched"):
             return
         for _ in range(5000):
-            if not self.sched.has_unfinished_requests():
+            if not self.sched.has_unfinished_requests() and not self.sched.has_transfers_in_flight():
                 break
-            self._one_step()
+            self._one_step(land_all=True)
         assert not self.sched.has_unfinished_requests(), "the scheduler made no progress"
+        assert not self.kv.transfers, "transfers still in flight after everything finished"
         self.sched.check_invariants()
         assert self.kv.num_used_blocks == 0
         assert self.kv.host_pool.num_free_blocks == self.cfg["host_blocks"]
         event(f"policy {self.cfg['policy']}, preempted: {self.sched.num_preemptions > 0}")
 
     # ----------------------------------------------------------------- one step, checked
-    def _one_step(self):
+    def _one_step(self, land_all: bool = False):
         sched = self.sched
         out = sched.schedule()
         sched.check_output(out)
@@ -166,11 +192,27 @@ class SchedulerMachine(RuleBasedStateMachine):
         self._check_no_inversion()
         self._run_on_shadow(out)
         sampled = {c.request_id: self.rng.randrange(3, 30) for c in out.chunks if c.sample}
-        sched.update_from_output(out, sampled)
+        # The overlapped copies run while the step computes; some land by its end.
+        landed = []
+        for tid in sorted(self.in_flight):
+            if land_all or self.rng.random() < self.cfg["land_p"]:
+                self._copy(self.in_flight.pop(tid))
+                landed.append(tid)
+        sched.update_from_output(out, sampled, landed)
+        for tid in landed:
+            self._check_landed(tid)
         sched.check_invariants()
         self.clock += 1
         if out.swap_in:
             event("swapped in")
+        if any(not t.blocking for t in out.transfers):
+            event("overlapped transfer")
+        if out.wait_for:
+            event("forced an in-flight swap-out")
+        if self.kv.host_prefix_hits:
+            event("host prefix hit")
+        if self.kv.swap_out_reused_blocks:
+            event("swap-out reused host blocks")
 
     def _check_no_inversion(self):
         sched = self.sched
@@ -185,13 +227,43 @@ class SchedulerMachine(RuleBasedStateMachine):
                     f"({key(kept)}) kept its blocks"
                 )
 
+    def _copy(self, t):
+        src, dst = (self.device, self.host) if t.to_host else (self.host, self.device)
+        for s, d, n in t.segments:
+            for j in range(n):
+                dst[d + j] = list(src.get(s + j, [None] * self.bs))
+
+    def _check_landed(self, tid):
+        """A swap-in or host prefix load landed: its request's blocks hold its tokens."""
+        rid = self._transfer_of.pop(tid, None)
+        req = self.sched.requests.get(rid) if rid else None
+        if req is None or req.status.value != "running":
+            return
+        bs = self.bs
+        blocks = self.kv.block_ids(req.request_id)
+        for pos in range(req.num_computed_tokens):
+            have = self.device.get(blocks[pos // bs], [None] * bs)[pos % bs]
+            assert have == req.all_token_ids[pos], f"{req.request_id}: swapped-in position {pos} holds {have}"
+
     def _run_on_shadow(self, out):
         """Execute the step on token-valued shadow blocks, in the runner's order, and check what chunks read."""
         bs = self.bs
-        for dev, host in out.swap_out:
-            self.host[host] = list(self.device.get(dev, [None] * bs))
-        for host, dev in out.swap_in:
-            self.device[dev] = list(self.host.get(host, [None] * bs))
+        for tid in out.wait_for:   # forced: the runner finishes these before the forward pass
+            if tid in self.in_flight:
+                self._copy(self.in_flight.pop(tid))
+        for t in out.transfers:
+            if t.blocking:
+                self._copy(t)
+        for t in out.transfers:
+            if not t.blocking:
+                self.in_flight[t.transfer_id] = t
+                if not t.to_host:
+                    self._transfer_of[t.transfer_id] = t.request_id
+        busy = {(s if t.to_host else d) + j for t in self.in_flight.values() for s, d, n in t.segments
+                for j in range(n)}   # device blocks an in-flight copy reads or writes
+        for chunk in out.chunks:
+            written = {chunk.block_ids[p // bs] for p in range(chunk.start_pos, chunk.start_pos + chunk.num_tokens)}
+            assert not written & busy, f"{chunk.request_id} writes blocks {written & busy} an in-flight copy touches"
         for chunk in out.chunks:
             req = self.sched.requests[chunk.request_id]
             for pos in range(chunk.start_pos):   # the KV this chunk attends to
@@ -269,7 +341,8 @@ def test_vtc_bound_holds_for_backlogged_tenants(w):
                                       min(max_tokens, capacity - plen), tenant=tenant, arrival_time=float(step)))
         out = sched.schedule()
         tracker.observe(sched, out)
-        sched.update_from_output(out, {c.request_id: 7 for c in out.chunks if c.sample})
+        sched.update_from_output(out, {c.request_id: 7 for c in out.chunks if c.sample},
+                                 [t.transfer_id for t in out.transfers if not t.blocking])
         step += 1
         assert step < 20000
     event(f"worst difference / bound: {round(tracker.worst / tracker.bound, 1)}")

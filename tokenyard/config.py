@@ -27,6 +27,12 @@ class EngineConfig:
     enable_prefix_caching: bool = _opt(True, "reuse the KV of shared prompt prefixes")
     preemption_mode: str = _opt("recompute", "what a preempted request loses: its KV (recompute) or its place "
                                 "on the device (swap to host)", ("recompute", "swap"))
+    swap_overlap: bool = _opt(True, "with swap: copy KV swaps beside the forward pass (a swapped-in request "
+                              "computes once its copy has landed) instead of before it")
+    swap_block_groups: bool = _opt(True, "with swap: allocate KV blocks in contiguous runs and copy each run as "
+                                   "one copy (off: one copy per block)")
+    host_prefix_cache: bool = _opt(True, "with swap: keep swapped-out KV on the host as a prefix cache (a swap-out "
+                                   "copies only blocks the host lacks; a later turn loads its history from there)")
     scheduling_policy: str = _opt("fcfs", "whose turn it is: arrival order, priority, per-tenant fair share (VTC), "
                                   "or priority bands with fair share inside", POLICY_NAMES)
     tenant_weights: str | None = _opt(None, "VTC tenant weights: 'alice=2,bob=1', or a file of such pairs or a "

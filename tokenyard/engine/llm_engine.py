@@ -75,13 +75,16 @@ class LLMEngine:
             mc, load_state_dict(resolved.hf_dir), num_blocks=num_blocks, block_size=config.block_size,
             num_host_blocks=num_host, max_model_len=self.max_model_len, device=device, dtype=dtype,
         )
-        self.kv = KVCacheManager(num_blocks, config.block_size, num_host, config.enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, config.block_size, num_host, config.enable_prefix_caching,
+                                 block_groups=config.swap_block_groups, host_cache=config.host_prefix_cache)
+        self.kv_block_bytes = per_block
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 max_num_seqs=config.max_num_seqs,
                 scheduling_policy=config.scheduling_policy,
                 preemption_mode=config.preemption_mode,
+                swap_overlap=config.swap_overlap,
                 vtc_w_p=config.vtc_w_p,
                 vtc_w_q=config.vtc_w_q,
                 tenant_weights=config.tenant_weight_map(),
@@ -238,6 +241,8 @@ class LLMEngine:
             # request's: the runner must not forget it.
             out.finished = [rid for rid in out.finished if rid not in self.scheduler.requests]
         results = self.runner.execute(out)
+        # Overlapped KV transfers that landed meanwhile; with nothing to compute, wait for one rather than spin.
+        landed = self.runner.poll_transfers(block=not out.chunks and self.scheduler.has_transfers_in_flight())
         self.num_steps += 1
         outputs = []
         failed = {rid: self._sample_error(rid) for rid, (tok, _) in results.items() if tok == SAMPLE_FAILED}
@@ -248,7 +253,7 @@ class LLMEngine:
             self.scheduler.abort_requests(list(failed))
             outputs.extend(self._fail(rid, err) for rid, err in failed.items())
         touched = self.scheduler.update_from_output(
-            out, {rid: tok for rid, (tok, _) in results.items() if rid not in failed}
+            out, {rid: tok for rid, (tok, _) in results.items() if rid not in failed}, landed
         )
         now = time.monotonic()
         for req in touched:
@@ -328,6 +333,12 @@ class LLMEngine:
             "num_preemptions": s.num_preemptions,
             "prefix_cache_queries": self.kv.prefix_queries,
             "prefix_cache_hits": self.kv.prefix_hits,
+            "host_prefix_hit_tokens": self.kv.host_prefix_hits,
+            "swap_out_bytes": self.kv.swap_out_blocks * self.kv_block_bytes,
+            "swap_in_bytes": self.kv.swap_in_blocks * self.kv_block_bytes,
+            "swap_copies": self.kv.swap_copies,
+            "swap_out_reused_blocks": self.kv.swap_out_reused_blocks,
+            "num_swapping": len(s.in_flight),
             "prompt_tokens": self.num_prompt_tokens,
             "generated_tokens": self.num_generated_tokens,
         }

@@ -1,10 +1,12 @@
-"""Executes one step decision: swap copies, the forward pass over the paged cache, sampling."""
+"""Executes one step decision: KV transfers, the forward pass over the paged cache, sampling."""
 
 from __future__ import annotations
 
 import torch
 
+from tokenyard.engine.kv_store import KVStore
 from tokenyard.engine.sampler import SampleState, make_sample_state, sample
+from tokenyard.engine.swap_worker import SwapWorker
 from tokenyard.model.config import ModelConfig
 from tokenyard.model.llama import AttentionMetadata, LlamaModel, LlamaWeights, PrefillChunk
 from tokenyard.outputs import TokenLogprob
@@ -30,19 +32,15 @@ class ModelRunner:
         self.block_size = block_size
         weights = LlamaWeights(cfg, state_dict, dtype, device)
         self.model = LlamaModel(cfg, weights, max_model_len, device)
-        shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
-        host_shape = (cfg.num_layers, num_host_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        pin = device.type == "cuda"
-        self.k_host = torch.zeros(host_shape, dtype=dtype, pin_memory=pin)
-        self.v_host = torch.zeros(host_shape, dtype=dtype, pin_memory=pin)
+        self.store = KVStore(cfg, num_blocks=num_blocks, num_host_blocks=num_host_blocks, block_size=block_size,
+                             device=device, dtype=dtype)
+        self.k_cache, self.v_cache = self.store.k_cache, self.store.v_cache
+        self.swap_worker = SwapWorker(self.store)
         self.states: dict[str, SampleState] = {}
 
     @staticmethod
     def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        elem = torch.tensor([], dtype=dtype).element_size()
-        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+        return KVStore.bytes_per_block(cfg, block_size, dtype)
 
     def add_request(self, request_id: str, params: SamplingParams, stop_token_ids: tuple[int, ...] = (),
                     prompt_token_ids: list[int] | None = None) -> None:
@@ -56,10 +54,7 @@ class ModelRunner:
     # ------------------------------------------------------------------ execution
     def execute(self, out: SchedulerOutput) -> dict[str, tuple[int, TokenLogprob | None]]:
         self.remove_requests(out.finished)
-        if out.swap_out:
-            self._copy_blocks(out.swap_out, to_host=True)
-        if out.swap_in:
-            self._copy_blocks(out.swap_in, to_host=False)
+        self._start_transfers(out)
         if not out.chunks:
             return {}
         decodes = [c for c in out.chunks if c.num_tokens == 1]
@@ -133,14 +128,21 @@ class ModelRunner:
             sampled,
         )
 
-    @torch.inference_mode()
-    def _copy_blocks(self, pairs: list[tuple[int, int]], to_host: bool) -> None:
-        src = torch.tensor([s for s, _ in pairs])
-        dst = torch.tensor([d for _, d in pairs])
-        if to_host:
-            self.k_host[:, dst] = self.k_cache[:, src.to(self.device)].to("cpu")
-            self.v_host[:, dst] = self.v_cache[:, src.to(self.device)].to("cpu")
-        else:
-            d = dst.to(self.device)
-            self.k_cache[:, d] = self.k_host[:, src].to(self.device)
-            self.v_cache[:, d] = self.v_host[:, src].to(self.device)
+    def _start_transfers(self, out: SchedulerOutput) -> None:
+        """Blocking copies first, in decision order (a later decision may reuse blocks an earlier one released),
+        then the overlapped ones go to the swap worker. Transfers of earlier steps the forward needs: waited for."""
+        if out.wait_for:
+            self.swap_worker.wait(out.wait_for)
+        for t in out.transfers:
+            if t.blocking:
+                self.store.copy(t.segments, t.to_host)
+        for t in out.transfers:
+            if not t.blocking:
+                self.swap_worker.submit(t.transfer_id, t.segments, t.to_host)
+
+    def poll_transfers(self, block: bool = False) -> list[int]:
+        """Overlapped transfers that have landed since the last poll (``block``: wait for one, if any runs)."""
+        return self.swap_worker.poll(block)
+
+    def close(self) -> None:
+        self.swap_worker.close()

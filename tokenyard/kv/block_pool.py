@@ -2,9 +2,19 @@
 
 Pure Python bookkeeping (no torch): the simulator and the cluster layer reuse it unchanged.
 
-A block with ``ref_cnt == 0`` sits in the free queue. If it still carries a hash it also stays in the
-prefix-cache map, so a later request with the same prefix can take it back (a cache hit) until the pool
-hands it out to somebody else, which evicts the hash. Blocks are evicted least recently freed first.
+A block with ``ref_cnt == 0`` is free. If it still carries a hash it also stays in the prefix-cache map, so a
+later request with the same prefix can take it back (a cache hit) until the pool hands it out to somebody
+else, which evicts the hash. Free blocks without a hash ("clean") are handed out first; cached ones are
+evicted least recently freed first.
+
+Block groups: allocation prefers contiguous runs of block ids (it extends the run a request already ends with,
+then looks for a free run of the whole size), because with the block-major tensor layout a run of blocks is
+one contiguous range, so swapping it is one copy. Eviction stays per block and LRU: a prefix-cache block is
+worth keeping for its hash, not its position, so clean blocks are taken before any cached block is evicted,
+and only clean blocks are searched for runs.
+
+The same class serves the host tier (``HostBlockPool``), where hashes let a swap-out skip the blocks whose
+copy the host already holds and let a new turn of a conversation find its history there.
 """
 
 from __future__ import annotations
@@ -26,51 +36,83 @@ class Block:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
-        if num_blocks < 1:
+    def __init__(self, num_blocks: int, enable_caching: bool = True, *, allow_empty: bool = False) -> None:
+        if num_blocks < (0 if allow_empty else 1):
             raise ValueError(f"num_kv_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        # Ordered by the time the block was freed: the head is evicted first.
-        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        # Free blocks without a hash: a byte per block (1 = clean and free), searched for runs.
+        self._clean = bytearray(b"\x01") * num_blocks
+        self._num_clean = num_blocks
+        # Free blocks with a hash, ordered by the time they were freed: the head is evicted first.
+        self._cached_free: OrderedDict[int, None] = OrderedDict()
         self._cached: dict[bytes, Block] = {}
         self.num_evictions = 0
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return self._num_clean + len(self._cached_free)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free_blocks
 
     def get_cached_block(self, block_hash: bytes) -> Block | None:
         return self._cached.get(block_hash) if self.enable_caching else None
 
-    def allocate(self, n: int) -> list[Block]:
-        """Take ``n`` free blocks (evicting their cached hashes). Caller checks capacity first."""
-        if n > len(self._free):
-            raise RuntimeError(f"asked for {n} blocks, {len(self._free)} free")
+    def allocate(self, n: int, after: int | None = None) -> list[Block]:
+        """Take ``n`` free blocks, as contiguous as the free space allows; ``after``: the block id the new ones
+        should follow (a request's last block). Caller checks capacity first."""
+        if n > self.num_free_blocks:
+            raise RuntimeError(f"asked for {n} blocks, {self.num_free_blocks} free")
+        ids: list[int] = []
+        clean = self._clean
+        if after is not None:
+            i = after + 1
+            while len(ids) < n and i < self.num_blocks and clean[i]:
+                clean[i] = 0
+                ids.append(i)
+                i += 1
+        need = min(n - len(ids), self._num_clean - len(ids))
+        if need > 0:
+            start = clean.find(b"\x01" * need) if need > 1 else -1
+            if start >= 0:
+                clean[start:start + need] = bytes(need)
+                ids.extend(range(start, start + need))
+            else:  # no run that long: first fit, block by block
+                pos = 0
+                for _ in range(need):
+                    pos = clean.find(1, pos)
+                    clean[pos] = 0
+                    ids.append(pos)
+        self._num_clean -= len(ids)
         out = []
-        for _ in range(n):
-            block_id, _ = self._free.popitem(last=False)
+        for i in ids:
+            block = self.blocks[i]
+            block.ref_cnt = 1
+            out.append(block)
+        while len(out) < n:  # evict prefix-cache blocks, least recently freed first
+            block_id, _ = self._cached_free.popitem(last=False)
             block = self.blocks[block_id]
-            if block.block_hash is not None:
-                if self._cached.get(block.block_hash) is block:
-                    del self._cached[block.block_hash]
-                block.block_hash = None
-                block.content = None
-                self.num_evictions += 1
+            if self._cached.get(block.block_hash) is block:
+                del self._cached[block.block_hash]
+            block.block_hash = None
+            block.content = None
+            self.num_evictions += 1
             block.ref_cnt = 1
             out.append(block)
         return out
 
     def touch(self, blocks: list[Block]) -> None:
-        """Take a reference on blocks found in the prefix cache."""
+        """Take a reference on each block (cache hits; a transfer pinning the blocks it copies)."""
         for block in blocks:
             if block.ref_cnt == 0:
-                del self._free[block.block_id]
+                if block.block_hash is None:
+                    self._clean[block.block_id] = 0
+                    self._num_clean -= 1
+                else:
+                    del self._cached_free[block.block_id]
             block.ref_cnt += 1
 
     def free(self, blocks: list[Block]) -> None:
@@ -80,7 +122,11 @@ class BlockPool:
                 raise RuntimeError(f"double free of block {block.block_id}")
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
-                self._free[block.block_id] = None
+                if block.block_hash is None:
+                    self._clean[block.block_id] = 1
+                    self._num_clean += 1
+                else:
+                    self._cached_free[block.block_id] = None
 
     def cache(self, block: Block, block_hash: bytes, content: tuple[bytes, tuple[int, ...]]) -> None:
         """Register a full block under its chained hash (the first block with a hash keeps it)."""
@@ -88,55 +134,52 @@ class BlockPool:
             return
         if block_hash in self._cached:
             return
+        if block.ref_cnt == 0:  # a free clean block becomes a free cached one
+            self._clean[block.block_id] = 0
+            self._num_clean -= 1
+            self._cached_free[block.block_id] = None
         block.block_hash = block_hash
         block.content = content
         self._cached[block_hash] = block
 
     def num_free_if_touched(self, blocks: list[Block]) -> int:
         """Free blocks left after taking references on ``blocks`` (cache hits sitting in the free queue)."""
-        return len(self._free) - sum(1 for b in blocks if b.ref_cnt == 0)
+        return self.num_free_blocks - sum(1 for b in blocks if b.ref_cnt == 0)
 
     def reset_prefix_cache(self) -> None:
         for block in self._cached.values():
             block.block_hash = None
             block.content = None
+        for block_id in self._cached_free:
+            self._clean[block_id] = 1
+        self._num_clean += len(self._cached_free)
+        self._cached_free.clear()
         self._cached.clear()
+
+    def runs(self, block_ids: list[int]) -> int:
+        """How many runs of consecutive ids ``block_ids`` falls into (1 = fully contiguous)."""
+        return sum(1 for i, b in enumerate(block_ids) if i == 0 or b != block_ids[i - 1] + 1)
 
     def check(self) -> None:
         """Raise InvariantError if the pool's own structures disagree."""
-        free_ids = set(self._free)
-        require(len(free_ids) == len(self._free), "a block is in the free queue twice")
+        require(self._num_clean == sum(self._clean), "clean-block count disagrees with the clean map")
         for block in self.blocks:
-            require(block.ref_cnt >= 0, f"block {block.block_id} has negative refs")
-            require((block.ref_cnt == 0) == (block.block_id in free_ids),
-                    f"block {block.block_id}: ref_cnt={block.ref_cnt} but in free queue={block.block_id in free_ids}")
+            i = block.block_id
+            require(block.ref_cnt >= 0, f"block {i} has negative refs")
+            free = bool(self._clean[i]) or i in self._cached_free
+            require((block.ref_cnt == 0) == free, f"block {i}: ref_cnt={block.ref_cnt} but free={free}")
+            require(not (self._clean[i] and i in self._cached_free), f"block {i} is free twice")
+            if block.ref_cnt == 0:
+                require(bool(self._clean[i]) == (block.block_hash is None),
+                        f"free block {i} is in the wrong free list for its hash")
         for h, block in self._cached.items():
             require(block.block_hash == h, f"cached block {block.block_id} hash mismatch")
 
 
-class HostBlockPool:
-    """Blocks of the host (CPU) swap space. No sharing: each swapped request owns its host blocks."""
+class HostBlockPool(BlockPool):
+    """The host (CPU) tier: same bookkeeping as the device pool; may be empty (no swap space)."""
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
         if num_blocks < 0:
             raise ValueError(f"num_host_blocks must be >= 0, got {num_blocks}")
-        self.num_blocks = num_blocks
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
-
-    @property
-    def num_free_blocks(self) -> int:
-        return len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(f"asked for {n} host blocks, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
-
-    def free(self, block_ids: list[int]) -> None:
-        self._free.extend(reversed(block_ids))
-
-    def check(self, owned: list[int]) -> None:
-        all_ids = list(self._free) + owned
-        require(len(all_ids) == len(set(all_ids)), "host block owned twice or both free and owned")
-        require(len(all_ids) == self.num_blocks,
-                f"host blocks leaked: {self.num_blocks - len(all_ids)} neither free nor owned")
+        super().__init__(num_blocks, enable_caching, allow_empty=True)

@@ -1,12 +1,22 @@
 """Which KV blocks each request holds, on the device or in host swap space. Pure Python, no torch.
 
 The scheduler asks this manager for room; it never touches tensors. Copies that follow from its answers
-(swap out, swap in) are returned as block-id pairs for the model runner to execute.
+(swap out, swap in, a host prefix hit) are returned as :class:`KVTransfer` objects for the model runner.
+
+KV in flight: a transfer holds a reference on every block it reads or writes, on both tiers, until it is
+completed (:meth:`KVCacheManager.complete`). So no block is handed out again, and no hash is registered for
+a copy that has not landed, while the copy runs; an abort in the middle frees the request's own references
+and the transfer's go when it completes. Transfers are independent of one another: any completion order is
+safe. The host tier is a hashed, ref-counted LRU cache like the device pool: full blocks never change, so a
+host copy stays valid after a swap-in, the next swap-out of the same request copies only its new blocks, and a
+new request whose prefix is on the host (a conversation's next turn) loads it instead of recomputing it.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
+from dataclasses import dataclass, field
 
 from tokenyard.invariants import require
 from tokenyard.kv.block_pool import Block, BlockPool, HostBlockPool
@@ -17,6 +27,40 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+Segment = tuple[int, int, int]  # (first source block, first destination block, number of blocks)
+
+
+@dataclass(eq=False)
+class KVTransfer:
+    """Copies between the tiers for one request. ``to_host``: a swap-out; else a swap-in or host prefix hit."""
+
+    transfer_id: int
+    request_id: str
+    to_host: bool
+    segments: list[Segment]
+    device: list[Block] = field(default_factory=list)   # pinned until complete: read (out) or written (in)
+    host: list[Block] = field(default_factory=list)
+    # Host blocks that take a hash when the copy has landed: (block, hash, content).
+    register: list[tuple[Block, bytes, tuple[bytes, tuple[int, ...]]]] = field(default_factory=list)
+    blocking: bool = False     # the step's forward pass needs it done: copied before it, not overlapped
+    num_blocks_reused: int = 0  # blocks the destination already held, not copied
+
+    @property
+    def num_blocks_copied(self) -> int:
+        return sum(n for _, _, n in self.segments)
+
+
+def to_segments(pairs: list[tuple[int, int]], merge: bool) -> list[Segment]:
+    """(src, dst) block pairs as copies: runs consecutive on both sides merged into one (block groups)."""
+    out: list[list[int]] = []
+    for s, d in pairs:
+        if merge and out and s == out[-1][0] + out[-1][2] and d == out[-1][1] + out[-1][2]:
+            out[-1][2] += 1
+        else:
+            out.append([s, d, 1])
+    return [(s, d, n) for s, d, n in out]
+
+
 class KVCacheManager:
     def __init__(
         self,
@@ -24,25 +68,40 @@ class KVCacheManager:
         block_size: int,
         num_host_blocks: int = 0,
         enable_prefix_caching: bool = True,
+        *,
+        block_groups: bool = True,
+        host_cache: bool = True,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
-        self.host_pool = HostBlockPool(num_host_blocks)
+        # The host tier keeps hashes (multi-turn reuse) when prefix caching and host_cache are both on.
+        self.host_pool = HostBlockPool(num_host_blocks, enable_prefix_caching and host_cache)
         self.enable_prefix_caching = enable_prefix_caching
+        self.block_groups = block_groups
         self.req_blocks: dict[str, list[Block]] = {}
-        self.host_blocks: dict[str, list[int]] = {}
+        self.host_blocks: dict[str, list[Block]] = {}
+        self.transfers: dict[int, KVTransfer] = {}
+        self._transfer_ids = itertools.count()
         self._hashes: dict[str, list[BlockHash]] = {}
         self._num_cached: dict[str, int] = {}
-        # Host blocks a swap-in read this step: released when the step's decisions are final (end_step), so a
-        # swap-out decided later in the same step cannot overwrite them before the runner copies them in.
-        self._host_reading: list[int] = []
-        # Statistics, in tokens.
+        # Statistics: prefix cache in tokens; swaps in blocks and copy operations.
         self.prefix_queries = 0
         self.prefix_hits = 0
+        self.host_prefix_hits = 0
+        self.swap_out_blocks = 0
+        self.swap_in_blocks = 0
+        self.swap_out_reused_blocks = 0
+        self.swap_copies = 0
+        self.swap_transfers = 0
 
     # ----------------------------------------------------------------- prefix cache
+    def _content(self, token_ids: list[int], hashes: list[BlockHash], i: int,
+                 salt: str | None) -> tuple[bytes, tuple[int, ...]]:
+        bs = self.block_size
+        return (hashes[i - 1] if i else root_hash(salt), tuple(token_ids[i * bs:(i + 1) * bs]))
+
     def get_computed_blocks(self, req_id: str, token_ids: list[int],
                             salt: str | None = None) -> tuple[list[Block], int]:
         """Cached blocks covering a prefix of ``token_ids``; never the last token (it must run for logits)."""
@@ -51,22 +110,35 @@ class KVCacheManager:
         hashes = self._hashes.setdefault(req_id, [])
         extend_block_hashes(hashes, token_ids, self.block_size, salt)
         max_blocks = (len(token_ids) - 1) // self.block_size
-        bs = self.block_size
         hits: list[Block] = []
-        parent = root_hash(salt)
         for i, h in enumerate(hashes[:max_blocks]):
             block = self.pool.get_cached_block(h)
-            if block is None or block.content != (parent, tuple(token_ids[i * bs:(i + 1) * bs])):
+            if block is None or block.content != self._content(token_ids, hashes, i, salt):
                 break
             hits.append(block)
-            parent = h
         return hits, len(hits) * self.block_size
 
-    def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+    def get_host_hits(self, req_id: str, token_ids: list[int], start: int,
+                      salt: str | None = None) -> list[Block]:
+        """Host blocks continuing a prefix hit of ``start`` blocks (call after get_computed_blocks)."""
+        if not self.host_pool.enable_caching or not self.host_pool.num_blocks:
+            return []
+        hashes = self._hashes.get(req_id, [])
+        max_blocks = (len(token_ids) - 1) // self.block_size
+        hits: list[Block] = []
+        for i in range(start, min(max_blocks, len(hashes))):
+            block = self.host_pool.get_cached_block(hashes[i])
+            if block is None or block.content != self._content(token_ids, hashes, i, salt):
+                break
+            hits.append(block)
+        return hits
+
+    def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int, num_host_hit_tokens: int = 0) -> None:
         """Count a lookup whose request was admitted (a blocked queue head looks up again every step)."""
         if self.enable_prefix_caching:
             self.prefix_queries += num_tokens
             self.prefix_hits += num_hit_tokens
+            self.host_prefix_hits += num_host_hit_tokens
 
     def cache_full_blocks(self, req_id: str, token_ids: list[int], num_computed: int,
                           salt: str | None = None) -> None:
@@ -82,10 +154,8 @@ class KVCacheManager:
             return
         hashes = self._hashes.setdefault(req_id, [])
         extend_block_hashes(hashes, token_ids, self.block_size, salt)
-        bs = self.block_size
         for i in range(start, n_full):
-            parent = hashes[i - 1] if i else root_hash(salt)
-            self.pool.cache(blocks[i], hashes[i], (parent, tuple(token_ids[i * bs:(i + 1) * bs])))
+            self.pool.cache(blocks[i], hashes[i], self._content(token_ids, hashes, i, salt))
         self._num_cached[req_id] = n_full
 
     # ----------------------------------------------------------------- device blocks
@@ -105,8 +175,11 @@ class KVCacheManager:
             self.pool.touch(list(new_computed))
             blocks.extend(new_computed)
         if n_new:
-            blocks.extend(self.pool.allocate(n_new))
+            blocks.extend(self.pool.allocate(n_new, self._after(blocks)))
         return True
+
+    def _after(self, blocks: list[Block]) -> int | None:
+        return blocks[-1].block_id if blocks and self.block_groups else None
 
     def trim(self, req_id: str, num_tokens: int) -> None:
         """Free the request's blocks beyond its first ``num_tokens`` tokens (work of this step rolled back)."""
@@ -120,43 +193,100 @@ class KVCacheManager:
         return [b.block_id for b in self.req_blocks.get(req_id, ())]
 
     def free(self, req_id: str, forget_hashes: bool = True) -> None:
-        """Drop the request's device and host blocks. Tail blocks go to the free queue first."""
+        """Drop the request's own device and host references (a transfer in flight keeps its own)."""
         blocks = self.req_blocks.pop(req_id, None)
         if blocks:
             self.pool.free(blocks[::-1])
         host = self.host_blocks.pop(req_id, None)
         if host:
-            self.host_pool.free(host)
+            self.host_pool.free(host[::-1])
         self._num_cached.pop(req_id, None)
         if forget_hashes:
             self._hashes.pop(req_id, None)
 
-    # ----------------------------------------------------------------- swap
+    # ----------------------------------------------------------------- transfers between the tiers
     def can_swap_out(self, req_id: str) -> bool:
         return len(self.req_blocks.get(req_id, ())) <= self.host_pool.num_free_blocks
 
-    def swap_out(self, req_id: str) -> list[tuple[int, int]]:
-        """Move the request's blocks to host space; returns (device, host) copies to run before reuse."""
+    def swap_out(self, req_id: str, token_ids: list[int], num_computed: int,
+                 salt: str | None = None) -> KVTransfer:
+        """Move the request's KV to the host tier. Full blocks whose copy the host already holds (from an earlier
+        swap, or another request with the same prefix) are not copied again. The device blocks stay pinned by
+        the transfer until it completes."""
         blocks = self.req_blocks.pop(req_id, [])
-        host = self.host_pool.allocate(len(blocks))
-        self.host_blocks[req_id] = host
-        self.pool.free(blocks[::-1])
         self._num_cached.pop(req_id, None)
-        return [(b.block_id, h) for b, h in zip(blocks, host)]
+        host: list[Block | None] = [None] * len(blocks)
+        contents: list[tuple[bytes, tuple[int, ...]] | None] = [None] * len(blocks)
+        hashes = self._hashes.setdefault(req_id, [])
+        if self.host_pool.enable_caching:
+            extend_block_hashes(hashes, token_ids, self.block_size, salt)
+            for i in range(min(num_computed // self.block_size, len(hashes), len(blocks))):
+                contents[i] = content = self._content(token_ids, hashes, i, salt)
+                hit = self.host_pool.get_cached_block(hashes[i])
+                if hit is not None and hit.content == content:
+                    host[i] = hit
+        reused = [b for b in host if b is not None]
+        missing = [i for i, b in enumerate(host) if b is None]
+        if len(missing) > self.host_pool.num_free_if_touched(reused):
+            raise RuntimeError(f"swap_out of {req_id}: host tier full (check can_swap_out first)")
+        self.host_pool.touch(reused)
+        fresh = self.host_pool.allocate(len(missing))
+        for i, b in zip(missing, fresh):
+            host[i] = b
+        t = self._new_transfer(req_id, True, [(blocks[i].block_id, host[i].block_id) for i in missing])
+        t.device = blocks                   # the request's references pass to the transfer
+        t.host = list(fresh)
+        self.host_pool.touch(t.host)        # the transfer's own; the request keeps the host blocks below
+        t.register = [(host[i], hashes[i], contents[i]) for i in missing if contents[i] is not None]
+        t.num_blocks_reused = len(reused)
+        self.host_blocks[req_id] = host     # type: ignore[assignment]
+        self.swap_out_blocks += len(missing)
+        self.swap_out_reused_blocks += len(reused)
+        return t
 
-    def swap_in(self, req_id: str) -> list[tuple[int, int]]:
-        """Bring the request's blocks back to the device; returns (host, device) copies."""
+    def swap_in(self, req_id: str) -> KVTransfer:
+        """Bring a swapped-out request's KV back to (freshly allocated, preferably contiguous) device blocks."""
         host = self.host_blocks.pop(req_id, [])
         blocks = self.pool.allocate(len(host))
-        self.req_blocks[req_id] = blocks
-        self._host_reading.extend(host)
-        return [(h, b.block_id) for h, b in zip(host, blocks)]
+        self.req_blocks[req_id] = list(blocks)
+        t = self._new_transfer(req_id, False, [(h.block_id, b.block_id) for h, b in zip(host, blocks)])
+        t.host = host                        # the request's host references pass to the transfer
+        t.device = list(blocks)
+        self.pool.touch(t.device)            # pinned against an abort while the copy writes them
+        self.swap_in_blocks += len(host)
+        return t
 
-    def end_step(self) -> None:
-        """The step's decisions are final: host blocks read by its swap-ins become free."""
-        if self._host_reading:
-            self.host_pool.free(self._host_reading)
-            self._host_reading = []
+    def load_host_hits(self, req_id: str, host_hits: list[Block]) -> KVTransfer:
+        """After allocate_slots gave a request its device prefix hits: device blocks for the prefix found on
+        the host, filled by the returned transfer (the request computes from after them once it lands)."""
+        blocks = self.req_blocks.setdefault(req_id, [])
+        fresh = self.pool.allocate(len(host_hits), self._after(blocks))
+        blocks.extend(fresh)
+        t = self._new_transfer(req_id, False, [(h.block_id, b.block_id) for h, b in zip(host_hits, fresh)])
+        t.host = list(host_hits)
+        self.host_pool.touch(t.host)
+        t.device = list(fresh)
+        self.pool.touch(t.device)
+        self.swap_in_blocks += len(host_hits)
+        return t
+
+    def _new_transfer(self, req_id: str, to_host: bool, pairs: list[tuple[int, int]]) -> KVTransfer:
+        t = KVTransfer(next(self._transfer_ids), req_id, to_host, to_segments(pairs, self.block_groups))
+        self.transfers[t.transfer_id] = t
+        self.swap_copies += len(t.segments)
+        self.swap_transfers += 1
+        return t
+
+    def complete(self, transfer_id: int) -> KVTransfer:
+        """A transfer's copies have landed: release what it pinned; host copies of full blocks take their hash."""
+        t = self.transfers.pop(transfer_id)
+        for block, h, content in t.register:
+            self.host_pool.cache(block, h, content)
+        if t.device:
+            self.pool.free(t.device[::-1])
+        if t.host:
+            self.host_pool.free(t.host[::-1])
+        return t
 
     # ----------------------------------------------------------------- stats & checks
     @property
@@ -171,15 +301,30 @@ class KVCacheManager:
         return self.pool.num_used_blocks / self.pool.num_blocks
 
     def check_invariants(self) -> None:
-        """No block leaked, double owned or dangling; host space likewise."""
+        """No block leaked, double owned or dangling, on either tier; every block in flight pinned."""
         self.pool.check()
+        self.host_pool.check()
         refs: Counter[int] = Counter()
+        host_refs: Counter[int] = Counter()
         for req_id, blocks in self.req_blocks.items():
             ids = [b.block_id for b in blocks]
             require(len(ids) == len(set(ids)), f"request {req_id} holds a block twice: {ids}")
             refs.update(ids)
             require(req_id not in self.host_blocks, f"request {req_id} holds device and host blocks")
-        for block in self.pool.blocks:
-            require(block.ref_cnt == refs.get(block.block_id, 0),
-                    f"block {block.block_id}: ref_cnt={block.ref_cnt}, owners={refs.get(block.block_id, 0)}")
-        self.host_pool.check([h for hs in self.host_blocks.values() for h in hs] + self._host_reading)
+        for req_id, blocks in self.host_blocks.items():
+            ids = [b.block_id for b in blocks]
+            require(len(ids) == len(set(ids)), f"request {req_id} holds a host block twice: {ids}")
+            host_refs.update(ids)
+        for t in self.transfers.values():
+            refs.update(b.block_id for b in t.device)
+            host_refs.update(b.block_id for b in t.host)
+            src_pool, dst_pool = (self.pool, self.host_pool) if t.to_host else (self.host_pool, self.pool)
+            for s, d, n in t.segments:
+                for j in range(n):  # a block a copy reads or writes is never free (so never handed out)
+                    require(src_pool.blocks[s + j].ref_cnt > 0 and dst_pool.blocks[d + j].ref_cnt > 0,
+                            f"transfer {t.transfer_id} copies a free block")
+        for pool, counted, tier in ((self.pool, refs, "device"), (self.host_pool, host_refs, "host")):
+            for block in pool.blocks:
+                require(block.ref_cnt == counted.get(block.block_id, 0),
+                        f"{tier} block {block.block_id}: ref_cnt={block.ref_cnt}, "
+                        f"owners={counted.get(block.block_id, 0)}")

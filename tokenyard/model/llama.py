@@ -157,7 +157,8 @@ class LlamaModel:
         input_ids: torch.Tensor,      # [T]
         positions: torch.Tensor,      # [T]
         meta: AttentionMetadata,
-        k_cache: torch.Tensor,        # [layers, num_blocks, block_size, kv_heads, head_dim]
+        k_cache: torch.Tensor,        # [num_blocks, layers, block_size, kv_heads, head_dim], a view of the
+                                      # block-major cache (engine/kv_store.py)
         v_cache: torch.Tensor,
         logits_rows: torch.Tensor,    # rows whose next-token logits are wanted
     ) -> torch.Tensor:
@@ -180,6 +181,8 @@ class LlamaModel:
             def norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                 return rms_norm(x, weight, eps)
             cos3, sin3 = cos.unsqueeze(1), sin.unsqueeze(1)
+            bsz = k_cache.shape[2]
+            slot_at = (slots // bsz, slots % bsz)
         x = F.embedding(input_ids, self.w.embed)
         if fused is not None and self.fuse_decode_layers and not meta.prefills and not self.extra_biases:
             # Decode-only step: the whole layer loop in C++ (same ops, no Python per-op overhead).
@@ -189,8 +192,8 @@ class LlamaModel:
         for li, lw in enumerate(self.w.layers):
             h = norm(x, lw.input_norm)
             qkv = linear(h, lw.qkv, lw.qkv_bias)
-            kc = k_cache[li]
-            vc = v_cache[li]
+            kc = k_cache[:, li]
+            vc = v_cache[:, li]
             v = qkv[:, qk_size:].view(T, KVH, D)
             if fused is not None:  # RoPE and the cache writes in one call, same arithmetic
                 q, k = fused.rope_and_cache(qkv, cos, sin, kc, vc, slots, H, KVH)
@@ -200,8 +203,8 @@ class LlamaModel:
                 qk = qk * cos3 + qk.roll(half, -1) * sin3
                 q = qk[:, :H]
                 k = qk[:, H:]
-                kc.view(-1, KVH, D).index_copy_(0, slots, k)
-                vc.view(-1, KVH, D).index_copy_(0, slots, v)
+                kc.index_put_(slot_at, k)   # block-major cache: a layer's blocks are strided apart
+                vc.index_put_(slot_at, v)
             attn = self._attention(q, k, v, kc, vc, meta)
             x.add_(linear(attn.reshape(T, H * D), lw.o, lw.o_bias))
             h = norm(x, lw.post_norm)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tokenyard.kv.manager import KVTransfer
+
 
 @dataclass(slots=True)
 class ScheduledChunk:
@@ -23,8 +25,11 @@ class ScheduledChunk:
 @dataclass
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
-    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block), run first
-    swap_in: list[tuple[int, int]] = field(default_factory=list)   # (host block, device block)
+    # KV copies decided this step, in decision order. A ``blocking`` one runs before the forward pass, in this
+    # order (later decisions may reuse what it released); the others overlap the step and report completion.
+    transfers: list[KVTransfer] = field(default_factory=list)
+    # Transfers of earlier steps, still in flight, that this step's forward pass needs landed.
+    wait_for: list[int] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)              # ids the runner may forget
 
@@ -33,5 +38,16 @@ class SchedulerOutput:
         return sum(len(c.token_ids) for c in self.chunks)
 
     @property
+    def swap_out(self) -> list[tuple[int, int]]:
+        """(device block, host block) pairs of this step's swap-outs."""
+        return [(s + j, d + j) for t in self.transfers if t.to_host for s, d, n in t.segments for j in range(n)]
+
+    @property
+    def swap_in(self) -> list[tuple[int, int]]:
+        """(host block, device block) pairs of this step's swap-ins and host prefix loads."""
+        return [(s + j, d + j) for t in self.transfers if not t.to_host
+                for s, d, n in t.segments for j in range(n)]
+
+    @property
     def is_empty(self) -> bool:
-        return not self.chunks and not self.swap_out and not self.swap_in
+        return not self.chunks and not self.transfers and not self.wait_for

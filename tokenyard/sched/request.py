@@ -11,6 +11,9 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"          # queued; also where a recompute-preempted request goes back to
     RUNNING = "running"          # holds device blocks, scheduled every step it fits
     SWAPPED = "swapped"          # KV lives in host swap space
+    # KV in flight (the transfer pins the blocks on both tiers until the runner reports it landed):
+    SWAPPING_OUT = "swapping_out"  # preempted; its device blocks are being copied to the host
+    SWAPPING_IN = "swapping_in"    # admitted; its KV is being copied to the device, it computes once landed
     FINISHED_STOPPED = "stop"    # EOS, a stop token or a stop string
     FINISHED_LENGTH = "length"   # max_tokens or the context window
     FINISHED_ABORTED = "abort"   # aborted by the caller (or a client that went away)

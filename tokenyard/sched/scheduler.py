@@ -13,6 +13,14 @@ Who waits and who is preempted is the policy's call (``tokenyard.sched.policy``)
   (``priority``: a worse priority; ``vtc+priority``: a worse band) and that one is less urgent.
 - Once a step has preempted anyone, it admits only requests more urgent than everyone it preempted, so no
   request preempted in a step is more urgent than one that kept its blocks (and admission does not thrash).
+
+KV in flight (``swap_overlap``, FastSwitch): a swap-out or a swap-in is a transfer that the model runner copies
+beside the forward pass; the request sits in SWAPPING_OUT / SWAPPING_IN, in no queue, until the runner
+reports the transfer done (``update_from_output``). A swapping-in request computes from the step after its copy
+lands, so the rest of the batch never waits for it. A swap-out's device blocks stay pinned until it lands;
+when a step needs those blocks now, it forces the transfer (the runner finishes that copy before the forward
+pass) rather than preempt anyone else. Without overlap every transfer completes at once, copied before the
+step's forward pass, as a synchronous swap does.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from tokenyard.invariants import InvariantError, require
-from tokenyard.kv.manager import KVCacheManager, cdiv
+from tokenyard.kv.manager import KVCacheManager, KVTransfer, cdiv
 from tokenyard.sampling_params import InvalidParameterError
 from tokenyard.sched.accounting import Charge, ServiceLedger
 from tokenyard.sched.output import ScheduledChunk, SchedulerOutput
@@ -36,6 +44,7 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     scheduling_policy: str = "fcfs"       # "fcfs" | "priority" | "vtc" | "vtc+priority"
     preemption_mode: str = "recompute"    # "recompute" | "swap"
+    swap_overlap: bool = True             # copy swaps beside the forward pass (KV-in-flight states)
     vtc_w_p: float = 1.0                  # service per prompt token
     vtc_w_q: float = 2.0                  # service per output token
     tenant_weights: Mapping[str, float] = field(default_factory=dict)  # others weigh 1
@@ -69,6 +78,8 @@ class Scheduler:
         self.policy = make_policy(config.scheduling_policy, self.ledger)
         self.requests: dict[str, Request] = {}
         self.running: list[Request] = []
+        self.in_flight: dict[int, Request] = {}   # transfer id -> its SWAPPING_OUT / SWAPPING_IN request
+        self._num_swapping_in = 0
         self._finished_ids: list[str] = []
         self.num_preemptions = 0
         # Preempted this step -> the urgency each had (for tests and the invariant "no inversion").
@@ -126,6 +137,9 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def has_transfers_in_flight(self) -> bool:
+        return bool(self.kv.transfers)
+
     @property
     def num_unfinished(self) -> int:
         return len(self.requests)
@@ -158,8 +172,48 @@ class Scheduler:
                 i += 1
             elif not self._try_admit(st, cand):
                 admitting = False  # the head does not fit: nothing behind it jumps the queue
-        self.kv.end_step()
         return st.out
+
+    @property
+    def _seats_taken(self) -> int:
+        return len(self.running) + self._num_swapping_in
+
+    def _issue(self, st: _Step, t: KVTransfer, req: Request, overlap: bool) -> None:
+        """Hand a transfer to this step's output: in flight (``overlap``) or completed now and copied before
+        the forward pass."""
+        st.out.transfers.append(t)
+        if overlap:
+            self.in_flight[t.transfer_id] = req
+            if not t.to_host:
+                self._num_swapping_in += 1
+        else:
+            t.blocking = True
+            self.kv.complete(t.transfer_id)
+
+    def _force_swap_outs(self, st: _Step) -> bool:
+        """Blocks are needed now: complete every swap-out in flight (the runner finishes those copies before
+        this step's forward pass). False if there was none."""
+        forced = [tid for tid, t in self.kv.transfers.items() if t.to_host]
+        for tid in forced:
+            t = self.kv.complete(tid)
+            if t in st.out.transfers:
+                t.blocking = True
+            else:
+                st.out.wait_for.append(tid)
+            self._landed(self.in_flight.pop(tid, None), t)
+        return bool(forced)
+
+    def _landed(self, req: Request | None, t: KVTransfer) -> None:
+        """A transfer of ``req`` has completed: it moves on to SWAPPED, or RUNNING (None: it was aborted)."""
+        if req is None:
+            return
+        if t.to_host:
+            req.status = RequestStatus.SWAPPED
+            self.policy.push(req)
+        else:
+            self._num_swapping_in -= 1
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
 
     def _schedule_running(self, st: _Step, req: Request) -> None:
         """Give a running request its next chunk, preempting the least urgent running request for blocks."""
@@ -167,6 +221,8 @@ class Scheduler:
             return
         n = min(req.num_tokens - req.num_computed_tokens, st.budget)
         while not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
+            if self._force_swap_outs(st):
+                continue
             victim = max((r for r in self.running if r.request_id not in st.admitted), key=self.policy.urgency)
             self._preempt(st, victim)
             if victim is req:
@@ -179,31 +235,50 @@ class Scheduler:
         if st.most_urgent_preempted is not None and not key(req) < st.most_urgent_preempted:
             return False
         swapped = req.status is RequestStatus.SWAPPED
-        hits, num_computed = ([], req.num_computed_tokens) if swapped else \
-            self.kv.get_computed_blocks(req.request_id, req.all_token_ids, req.cache_salt)
-        n = min(req.num_tokens - num_computed, st.budget)
+        host_hits: list = []
+        if swapped:
+            hits, num_computed = [], req.num_computed_tokens
+        else:
+            hits, num_computed = self.kv.get_computed_blocks(req.request_id, req.all_token_ids, req.cache_salt)
+            host_hits = self.kv.get_host_hits(req.request_id, req.all_token_ids, len(hits), req.cache_salt)
+        dev_computed = num_computed
+        num_computed += len(host_hits) * self.kv.block_size
+        # A swap-in or host load that overlaps the step computes from the next step: blocks for its KV only.
+        overlap = self.config.swap_overlap and (swapped or bool(host_hits))
+        n = 0 if overlap else min(req.num_tokens - num_computed, st.budget)
         if not self._fits(req, num_computed + n, hits):
-            plan = self._preemption_plan(st, req, num_computed + n, hits)
-            if plan is None:
-                return False  # no preemption the policy allows would make room: preempt nobody for nothing
-            for victim in plan:
-                self._preempt(st, victim)
-            if not self._fits(req, num_computed + n, hits):
-                return False
+            if self._force_swap_outs(st) and self._fits(req, num_computed + n, hits):
+                pass
+            else:
+                plan = self._preemption_plan(st, req, num_computed + n, hits)
+                if plan is None:
+                    return False  # no preemption the policy allows would make room: preempt nobody for nothing
+                for victim in plan:
+                    self._preempt(st, victim)
+                if self._blocks_short(req, num_computed + n, hits) > 0:
+                    self._force_swap_outs(st)   # the victims' blocks are needed now, not once their copies land
+                if not self._fits(req, num_computed + n, hits):
+                    return False
         self.policy.remove(req)
         if swapped:
-            st.out.swap_in.extend(self.kv.swap_in(req.request_id))
+            self._issue(st, self.kv.swap_in(req.request_id), req, overlap)
             ok = self.kv.allocate_slots(req.request_id, num_computed + n)
         else:
-            ok = self.kv.allocate_slots(req.request_id, num_computed + n, hits)
-            self.kv.record_prefix_lookup(req.num_tokens, num_computed)
+            ok = self.kv.allocate_slots(req.request_id, dev_computed, hits)
+            if host_hits:
+                self._issue(st, self.kv.load_host_hits(req.request_id, host_hits), req, overlap)
+            ok = ok and self.kv.allocate_slots(req.request_id, num_computed + n)
+            self.kv.record_prefix_lookup(req.num_tokens, dev_computed, num_computed - dev_computed)
             req.num_computed_tokens = num_computed
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_computed
         require(ok, f"admitting {req.request_id}: blocks were checked but could not be allocated")
+        st.admitted.add(req.request_id)
+        if overlap:
+            req.status = RequestStatus.SWAPPING_IN
+            return True
         req.status = RequestStatus.RUNNING
         self.running.append(req)
-        st.admitted.add(req.request_id)
         self._add_chunk(st, req, n)
         return True
 
@@ -214,14 +289,14 @@ class Scheduler:
         return self.kv.num_blocks_needed(req.request_id, num_tokens, hits) - self.kv.pool.num_free_if_touched(hits)
 
     def _fits(self, req: Request, num_tokens: int, hits: list) -> bool:
-        return len(self.running) < self.config.max_num_seqs and self._blocks_short(req, num_tokens, hits) <= 0
+        return self._seats_taken < self.config.max_num_seqs and self._blocks_short(req, num_tokens, hits) <= 0
 
     def _preemption_plan(self, st: _Step, req: Request, num_tokens: int, hits: list) -> list[Request] | None:
         """The least urgent running requests whose preemption the policy allows and that would make room for
         queued ``req``, least urgent first; None if even all of them would not."""
         key = self.policy.urgency
         short = self._blocks_short(req, num_tokens, hits)
-        seats = len(self.running) - self.config.max_num_seqs + 1
+        seats = self._seats_taken - self.config.max_num_seqs + 1
         hit_ids = {b.block_id for b in hits}
         dropped: dict[int, int] = {}   # block id -> references the plan drops
         plan: list[Request] = []
@@ -233,7 +308,8 @@ class Scheduler:
             plan.append(victim)
             seats -= 1
             # A block comes free once the plan drops all its references (a prefix block shared by victims frees
-            # with the last of them); one of req's own prefix hits does not count, req takes it back.
+            # with the last of them; a swap-out is forced to land at once); one of req's own prefix hits does
+            # not count, req takes it back.
             for b in self.kv.req_blocks.get(victim.request_id, ()):
                 n = dropped[b.block_id] = dropped.get(b.block_id, 0) + 1
                 if n == b.ref_cnt and b.block_id not in hit_ids:
@@ -274,17 +350,23 @@ class Scheduler:
         if st.most_urgent_preempted is None or urgency < st.most_urgent_preempted:
             st.most_urgent_preempted = urgency
         if self.config.preemption_mode == "swap" and self.kv.can_swap_out(req.request_id):
-            st.out.swap_out.extend(self.kv.swap_out(req.request_id))
-            req.status = RequestStatus.SWAPPED
+            t = self.kv.swap_out(req.request_id, req.all_token_ids, req.num_computed_tokens, req.cache_salt)
+            req.status = RequestStatus.SWAPPING_OUT
+            self._issue(st, t, req, self.config.swap_overlap)
+            if not self.config.swap_overlap:
+                self._landed(req, t)
         else:
             self.kv.free(req.request_id, forget_hashes=False)
             req.num_computed_tokens = 0
             req.status = RequestStatus.WAITING
-        self.policy.push(req)
+            self.policy.push(req)
 
     # ----------------------------------------------------------------- after the step
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed counts, append sampled tokens, finish by length/stop id. Returns touched requests."""
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int],
+                           transfers_done: Iterable[int] = ()) -> list[Request]:
+        """Advance computed counts, append sampled tokens, finish by length/stop id; land the transfers the
+        runner reports done (any order, any delay). Returns touched requests."""
+        self.complete_transfers(transfers_done)
         touched = []
         for chunk in out.chunks:
             req = self.requests.get(chunk.request_id)
@@ -301,9 +383,22 @@ class Scheduler:
                     self._finish(req, status)
         return touched
 
+    def complete_transfers(self, transfer_ids: Iterable[int]) -> None:
+        """The runner reports these transfers landed (ids already completed by force are ignored)."""
+        for tid in transfer_ids:
+            if tid in self.kv.transfers:
+                self._landed(self.in_flight.pop(tid, None), self.kv.complete(tid))
+
     def _remove_from_queue(self, req: Request) -> None:
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
+        elif req.status in (RequestStatus.SWAPPING_OUT, RequestStatus.SWAPPING_IN):
+            # Its transfer stays in flight (its blocks pinned) until the runner reports it; then nobody lands.
+            for tid, r in list(self.in_flight.items()):
+                if r is req:
+                    del self.in_flight[tid]
+            if req.status is RequestStatus.SWAPPING_IN:
+                self._num_swapping_in -= 1
         else:
             self.policy.remove(req)
 
@@ -326,7 +421,16 @@ class Scheduler:
         bs = self.kv.block_size
         seen: set[str] = set()
         running_ids = {r.request_id for r in self.running}
-        for req in [*self.running, *self.policy.queued()]:
+        in_flight = {r.request_id: r for r in self.in_flight.values()}
+        require(len(in_flight) == len(self.in_flight), "a request has two transfers in flight")
+        for tid, req in self.in_flight.items():
+            t = self.kv.transfers.get(tid)
+            require(t is not None and t.request_id == req.request_id, f"transfer {tid} of {req.request_id} lost")
+            want_status = RequestStatus.SWAPPING_OUT if t.to_host else RequestStatus.SWAPPING_IN
+            require(req.status is want_status, f"{req.request_id} is {req.status.value} during a transfer")
+        require(self._num_swapping_in == sum(1 for r in self.in_flight.values()
+                                             if r.status is RequestStatus.SWAPPING_IN), "swapping-in count")
+        for req in [*self.running, *self.policy.queued(), *self.in_flight.values()]:
             rid = req.request_id
             require(rid not in seen, f"request {rid} is both running and queued, or queued twice")
             seen.add(rid)
@@ -338,8 +442,10 @@ class Scheduler:
             elif req.status is RequestStatus.RUNNING:
                 require(rid in running_ids, f"request {rid} is RUNNING but queued")
                 require(dev == want and host == 0, f"running {rid}: {dev} blocks, {want} expected")
-            elif req.status is RequestStatus.SWAPPED:
+            elif req.status in (RequestStatus.SWAPPED, RequestStatus.SWAPPING_OUT):
                 require(host == want and dev == 0, f"swapped {rid}: {host} host blocks, {want} expected")
+            elif req.status is RequestStatus.SWAPPING_IN:
+                require(dev == want and host == 0, f"swapping-in {rid}: {dev} blocks, {want} expected")
             else:
                 raise InvariantError(f"request {rid} is {req.status.value} but still scheduled")
         for req in self.running:
@@ -347,7 +453,7 @@ class Scheduler:
         require(seen == set(self.requests), "a live request is in no queue, or a finished one still queued")
         owners = set(self.kv.req_blocks) | set(self.kv.host_blocks)
         require(owners <= seen, f"finished requests still hold blocks: {owners - seen}")
-        require(len(self.running) <= self.config.max_num_seqs, "more running requests than max_num_seqs")
+        require(self._seats_taken <= self.config.max_num_seqs, "more running requests than max_num_seqs")
 
     def check_output(self, out: SchedulerOutput) -> None:
         """Check one step's decision: within the token budget, no request twice, every chunk backed by blocks."""

@@ -23,11 +23,19 @@ _GAUGES = {
     "kv_blocks_used": ("tokenyard_kv_blocks_used", "Device KV blocks in use."),
     "kv_blocks_free": ("tokenyard_kv_blocks_free", "Device KV blocks free."),
     "kv_blocks_total": ("tokenyard_kv_blocks_total", "Device KV blocks in the pool."),
+    "num_swapping": ("tokenyard_num_requests_swapping", "Requests whose KV is being copied between device and host."),
 }
 _COUNTERS = {
     "num_preemptions": ("tokenyard_preemptions", "Requests preempted (swap or recompute)."),
     "prefix_cache_queries": ("tokenyard_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache."),
     "prefix_cache_hits": ("tokenyard_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache."),
+    "host_prefix_hit_tokens": ("tokenyard_host_prefix_hit_tokens",
+                               "Prompt tokens whose KV was loaded from the host tier instead of recomputed."),
+    "swap_out_bytes": ("tokenyard_swap_out_bytes", "KV bytes copied from the device to the host."),
+    "swap_in_bytes": ("tokenyard_swap_in_bytes", "KV bytes copied from the host to the device."),
+    "swap_copies": ("tokenyard_swap_copies", "KV copy operations issued (one per contiguous run of blocks)."),
+    "swap_out_reused_blocks": ("tokenyard_swap_out_reused_blocks",
+                               "Blocks a swap-out did not copy because the host already held them."),
     "prompt_tokens": ("tokenyard_prompt_tokens", "Prompt tokens of accepted requests."),
     "generated_tokens": ("tokenyard_generation_tokens", "Tokens generated."),
 }

@@ -10,18 +10,26 @@
 #include <cmath>
 #include <vector>
 
+// The KV cache is block-major ([num_blocks, layers, 2, block_size, kv_heads, dim], see engine/kv_store.py): one
+// layer's keys are a view whose blocks lie block_stride floats apart, each block's rows contiguous.
+static bool blocks_dense(const torch::Tensor& c) {
+  return c.dim() == 4 && c.stride(3) == 1 && c.stride(2) == c.size(3) && c.stride(1) == c.size(2) * c.size(3);
+}
+
 torch::Tensor paged_decode_attention(
     const torch::Tensor& q,             // [n, heads, dim] float32
-    const torch::Tensor& k_cache,       // [num_blocks, block_size, kv_heads, dim] float32
-    const torch::Tensor& v_cache,       // same
+    const torch::Tensor& k_cache,       // [num_blocks, block_size, kv_heads, dim] float32; rows of a block
+    const torch::Tensor& v_cache,       // contiguous, blocks any stride apart (block-major cache, one layer)
     const torch::Tensor& block_tables,  // [n, max_blocks] int64
     const torch::Tensor& context_lens,  // [n] int64: keys each query attends to (its own included)
     double scale) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && k_cache.dtype() == torch::kFloat32, "float32 only");
-  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous inputs");
+  TORCH_CHECK(q.is_contiguous() && blocks_dense(k_cache) && blocks_dense(v_cache), "contiguous inputs");
+  TORCH_CHECK(k_cache.stride(0) == v_cache.stride(0), "k and v caches must share a block stride");
   TORCH_CHECK(block_tables.is_contiguous() && context_lens.is_contiguous(), "contiguous tables");
   const int64_t n = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
+  const int64_t block_stride = k_cache.stride(0);
   const int64_t max_blocks = block_tables.size(1);
   const int64_t group = heads / kv_heads;
   auto out = torch::empty_like(q);
@@ -36,7 +44,7 @@ torch::Tensor paged_decode_attention(
   // A work item is one sequence (all heads), or, when there are too few sequences to keep every thread
   // busy (a single stream), one kv head of one sequence with its query-head group. Per-sequence items read
   // each block row contiguously. Within a block, token r's row for kv head kh starts at
-  // ((block * block_size + r) * kv_heads + kh) * dim.
+  // block * block_stride + (r * kv_heads + kh) * dim.
   const bool by_kv_head = n < 2 * at::get_num_threads();
   const int64_t items = by_kv_head ? n * kv_heads : n;
   const int64_t span = by_kv_head ? group : heads;
@@ -53,7 +61,7 @@ torch::Tensor paged_decode_attention(
       scores.resize(span * len);
       for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
         const int64_t rows = std::min(block_size, len - t0);
-        const float* kb = kp + table[b] * block_size * kv_heads * dim;
+        const float* kb = kp + table[b] * block_stride;
         for (int64_t r = 0; r < rows; ++r) {
           const float* kr = kb + r * kv_heads * dim;
           for (int64_t h = 0; h < span; ++h) {
@@ -79,7 +87,7 @@ torch::Tensor paged_decode_attention(
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
         const int64_t rows = std::min(block_size, len - t0);
-        const float* vb = vp + table[b] * block_size * kv_heads * dim;
+        const float* vb = vp + table[b] * block_stride;
         for (int64_t r = 0; r < rows; ++r) {
           const float* vr = vb + r * kv_heads * dim;
           for (int64_t h = 0; h < span; ++h) {
@@ -141,8 +149,10 @@ std::vector<torch::Tensor> rope_and_cache(const torch::Tensor& qkv, const torch:
                                           int64_t kv_heads) {
   TORCH_CHECK(qkv.dtype() == torch::kFloat32 && qkv.is_contiguous(), "qkv: contiguous float32");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && slots.is_contiguous(), "contiguous tables");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous caches");
+  TORCH_CHECK(blocks_dense(k_cache) && blocks_dense(v_cache), "caches: rows of a block must be contiguous");
+  TORCH_CHECK(k_cache.stride(0) == v_cache.stride(0), "k and v caches must share a block stride");
   const int64_t T = qkv.size(0), dim = cos.size(1), half = dim / 2;
+  const int64_t block_size = k_cache.size(1), block_stride = k_cache.stride(0);
   const int64_t width = qkv.size(1);
   TORCH_CHECK(width == (heads + 2 * kv_heads) * dim, "qkv width does not match the head counts");
   auto q = torch::empty({T, heads, dim}, qkv.options());
@@ -171,8 +181,9 @@ std::vector<torch::Tensor> rope_and_cache(const torch::Tensor& qkv, const torch:
           o[i] = a + b;
         }
       }
-      std::memcpy(kc + slot[t] * kv_row, kp + t * kv_row, kv_row * sizeof(float));
-      std::memcpy(vc + slot[t] * kv_row, row + (heads + kv_heads) * dim, kv_row * sizeof(float));
+      const int64_t at = (slot[t] / block_size) * block_stride + (slot[t] % block_size) * kv_row;
+      std::memcpy(kc + at, kp + t * kv_row, kv_row * sizeof(float));
+      std::memcpy(vc + at, row + (heads + kv_heads) * dim, kv_row * sizeof(float));
     }
   });
   return {q, k};
@@ -191,8 +202,8 @@ torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& w
   const int64_t T = x.size(0);
   for (int64_t l = 0; l < layers; ++l) {
     const torch::Tensor* w = weights.data() + 7 * l;
-    torch::Tensor k_l = k_cache.select(0, l);
-    torch::Tensor v_l = v_cache.select(0, l);
+    torch::Tensor k_l = k_cache.select(1, l);   // caches: [num_blocks, layers, block_size, kv_heads, dim]
+    torch::Tensor v_l = v_cache.select(1, l);
     torch::Tensor h = rms_norm_apply(x, x.pow(2).mean(-1, true), w[0], eps);
     torch::Tensor qkv = w[6].numel() ? at::linear(h, w[1], w[6]) : at::linear(h, w[1]);
     std::vector<torch::Tensor> qk = rope_and_cache(qkv, cos, sin, k_l, v_l, slots, heads, kv_heads);

@@ -1,0 +1,194 @@
+"""KV in flight, block groups and the host prefix cache, on the scheduler and KV bookkeeping alone (no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenyard.kv.block_pool import BlockPool
+from tokenyard.kv.manager import KVCacheManager, to_segments
+from tokenyard.sched.request import Request, RequestStatus
+from tokenyard.sched.scheduler import Scheduler, SchedulerConfig
+
+TOKEN = 7
+
+
+def _sched(blocks: int = 12, host: int = 32, budget: int = 64, overlap: bool = True, seqs: int = 8,
+           policy: str = "priority", groups: bool = True) -> Scheduler:
+    kv = KVCacheManager(blocks, 4, host, True, block_groups=groups)
+    return Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=seqs, scheduling_policy=policy,
+                                     preemption_mode="swap", swap_overlap=overlap), kv)
+
+
+def _step(sched: Scheduler, land: bool = True):
+    out = sched.schedule()
+    sched.check_output(out)
+    landed = [t.transfer_id for t in out.transfers if not t.blocking] if land else []
+    sched.update_from_output(out, {c.request_id: TOKEN for c in out.chunks if c.sample}, landed)
+    sched.check_invariants()
+    return out
+
+
+def _prompt(n: int, base: int = 3) -> list[int]:
+    return [base + i % 40 for i in range(n)]
+
+
+# --------------------------------------------------------------------------- block pool: groups
+def test_allocation_extends_a_run_and_prefers_contiguous_free_space():
+    pool = BlockPool(16)
+    a = pool.allocate(3)
+    assert [b.block_id for b in a] == [0, 1, 2]
+    b = pool.allocate(2)
+    pool.free(a[1:2])                       # a hole of one block at 1
+    c = pool.allocate(3)                    # no run after the hole: the first run of 3 that exists
+    assert [x.block_id for x in c] == [5, 6, 7]
+    d = pool.allocate(2, after=7)           # extends c's run
+    assert [x.block_id for x in d] == [8, 9]
+    assert pool.runs([x.block_id for x in c + d]) == 1
+    pool.check()
+    assert b
+
+
+def test_clean_blocks_are_taken_before_prefix_cache_blocks_are_evicted():
+    pool = BlockPool(4)
+    blocks = pool.allocate(2)
+    pool.cache(blocks[0], b"h0", (b"root", (1,)))
+    pool.free(blocks)
+    got = pool.allocate(2)                  # two clean blocks exist (2, 3) and one uncached freed one (1)
+    assert pool.get_cached_block(b"h0") is blocks[0] and blocks[0] not in got
+    pool.check()
+    more = pool.allocate(2)                 # now the cached block must go
+    assert blocks[0] in more and pool.get_cached_block(b"h0") is None and pool.num_evictions == 1
+    pool.check()
+
+
+def test_segments_merge_runs_on_both_sides_only_with_groups():
+    pairs = [(4, 10), (5, 11), (6, 12), (9, 13), (10, 20)]
+    assert to_segments(pairs, merge=True) == [(4, 10, 3), (9, 13, 1), (10, 20, 1)]
+    assert to_segments(pairs, merge=False) == [(s, d, 1) for s, d in pairs]
+
+
+# --------------------------------------------------------------------------- request states
+def _swapped_out(sched: Scheduler, victim: str = "low") -> None:
+    sched.add_request(Request("low", _prompt(14), 20, priority=5, arrival_time=0.0))
+    _step(sched)
+    _step(sched)
+    sched.add_request(Request("hi", _prompt(30, base=50), 4, priority=0, arrival_time=1.0))
+
+
+def test_swap_in_overlaps_the_step_and_the_request_computes_once_it_lands():
+    sched = _sched(blocks=10)
+    _swapped_out(sched)
+    out = _step(sched)
+    low = sched.requests["low"]
+    assert "low" in out.preempted and low.status is RequestStatus.SWAPPED
+    swap_out = [t for t in out.transfers if t.to_host]
+    assert swap_out and swap_out[0].blocking, "the step needed low's blocks now: its copy ran before the forward"
+    while low.status is RequestStatus.SWAPPED:
+        out = sched.schedule()
+        sched.check_output(out)
+        sched.update_from_output(out, {c.request_id: TOKEN for c in out.chunks if c.sample})   # nothing lands
+        sched.check_invariants()
+    assert low.status is RequestStatus.SWAPPING_IN
+    swap_in = [t for t in out.transfers if not t.to_host]
+    assert swap_in and not swap_in[0].blocking and "low" not in {c.request_id for c in out.chunks}
+    out = _step(sched, land=False)          # still in flight: not scheduled, blocks pinned
+    assert low.status is RequestStatus.SWAPPING_IN and "low" not in {c.request_id for c in out.chunks}
+    sched.complete_transfers([swap_in[0].transfer_id])
+    assert low.status is RequestStatus.RUNNING
+    out = _step(sched)
+    assert "low" in {c.request_id for c in out.chunks}
+
+
+@pytest.mark.parametrize("state", [RequestStatus.SWAPPING_IN, RequestStatus.SWAPPING_OUT])
+def test_abort_during_a_transfer_frees_everything_once_it_lands(state):
+    sched = _sched(blocks=10, seqs=1 if state is RequestStatus.SWAPPING_OUT else 8)
+    kv = sched.kv
+    if state is RequestStatus.SWAPPING_OUT:
+        # One seat: hi takes low's seat, not its blocks, so low's swap-out needs no forcing and stays in flight.
+        sched.add_request(Request("low", _prompt(6), 30, priority=5, arrival_time=0.0))
+        _step(sched)
+        sched.add_request(Request("hi", _prompt(6, base=50), 4, priority=0, arrival_time=1.0))
+        out = _step(sched, land=False)
+    else:
+        _swapped_out(sched)
+        _step(sched)
+        while sched.requests["low"].status is not RequestStatus.SWAPPING_IN:
+            out = _step(sched, land=False)
+    low = sched.requests["low"]
+    assert low.status is state
+    tid = next(iter(sched.in_flight))
+    pinned = kv.transfers[tid]
+    sched.abort_requests(["low"])
+    sched.check_invariants()
+    assert low.status is RequestStatus.FINISHED_ABORTED
+    assert all(b.ref_cnt > 0 for b in pinned.device + pinned.host), "blocks under copy stay pinned after abort"
+    sched.complete_transfers([tid])
+    sched.check_invariants()
+    while sched.has_unfinished_requests():
+        _step(sched)
+    assert kv.num_used_blocks == 0 and kv.host_pool.num_used_blocks == 0 and not kv.transfers
+    assert out is not None
+
+
+def test_a_seat_only_preemption_keeps_the_swap_out_in_flight_until_blocks_are_needed():
+    sched = _sched(blocks=10, seqs=1)
+    sched.add_request(Request("low", _prompt(6), 30, priority=5, arrival_time=0.0))
+    _step(sched)
+    sched.add_request(Request("hi", _prompt(6, base=50), 30, priority=0, arrival_time=1.0))
+    out = _step(sched, land=False)
+    low = sched.requests["low"]
+    assert low.status is RequestStatus.SWAPPING_OUT and not [t for t in out.transfers if t.to_host][0].blocking
+    tid = next(iter(sched.in_flight))
+    forced = False
+    for _ in range(40):                     # hi grows until it needs low's pinned blocks: then they are forced
+        out = _step(sched, land=False)
+        if tid in out.wait_for:
+            forced = True
+            break
+    assert forced and low.status is RequestStatus.SWAPPED and tid not in sched.kv.transfers
+
+
+# --------------------------------------------------------------------------- the host tier as a prefix cache
+def test_second_swap_out_copies_only_blocks_the_host_lacks():
+    sched = _sched(blocks=10, overlap=False)
+    kv = sched.kv
+    _swapped_out(sched)
+    _step(sched)
+    low = sched.requests["low"]
+    assert low.status is RequestStatus.SWAPPED
+    first = kv.swap_out_blocks
+    for _ in range(40):
+        if low.status is RequestStatus.RUNNING and "hi" not in sched.requests:
+            break
+        _step(sched)
+    assert low.status is RequestStatus.RUNNING
+    for _ in range(6):
+        _step(sched)                          # low decodes a few tokens past its swapped-in blocks
+    sched.add_request(Request("hi2", _prompt(30, base=60), 4, priority=0, arrival_time=2.0))
+    out = _step(sched)
+    assert "low" in out.preempted
+    reused = kv.swap_out_reused_blocks
+    assert reused >= 3, "low's full blocks were still on the host"
+    assert kv.swap_out_blocks - first == len(kv.host_blocks["low"]) - reused
+
+
+def test_a_later_turn_loads_its_prefix_from_the_host_instead_of_recomputing():
+    sched = _sched(blocks=10, overlap=True)
+    kv = sched.kv
+    _swapped_out(sched)
+    _step(sched)
+    assert sched.requests["low"].status is RequestStatus.SWAPPED
+    while "hi" in sched.requests:
+        _step(sched)
+    assert sched.requests["low"].status is RequestStatus.SWAPPED
+    kv.pool.reset_prefix_cache()               # low's blocks are gone from the device's prefix cache
+    turn2 = _prompt(14) + [9, 9, 9]            # the same conversation, one turn on
+    sched.add_request(Request("turn2", turn2, 4, priority=0, arrival_time=3.0))
+    out = _step(sched)
+    t2 = sched.requests["turn2"]
+    assert kv.host_prefix_hits == 12 and t2.num_cached_tokens == 12
+    assert any(not t.to_host and t.request_id == "turn2" for t in out.transfers)
+    assert t2.status is RequestStatus.RUNNING   # landed at the end of that step
+    out = _step(sched)
+    chunk = next(c for c in out.chunks if c.request_id == "turn2")
+    assert chunk.start_pos == 12, "only the tokens after the host hit are computed"
