@@ -157,3 +157,87 @@ def test_checkpoint_with_unused_weights_is_refused(tmp_path):
     save_file(state, str(path), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="does not use: model.layers.0.mlp.mystery.weight"):
         LLM(model=str(model_dir), block_size=4)
+
+
+# --------------------------------------------------------------------------- context switches (KV in flight)
+def _run_with_priority_churn(engine, prompts, max_new, every=4, abort_in=()):
+    """Priorities flip every few steps so requests are swapped out and back in; abort one request the first time
+    it is seen in each state of ``abort_in``. Returns finished outputs by request id and the aborted ids."""
+    from tokenyard.sched.request import RequestStatus
+
+    params = SamplingParams(max_tokens=max_new, temperature=0.0, ignore_eos=True)
+    ids = [engine.add_request(p, params, priority=i % 3) for i, p in enumerate(prompts)]
+    done, aborted, steps = {}, set(), 0
+    states = set(abort_in)
+    while engine.has_unfinished_requests():
+        steps += 1
+        if steps % every == 0:
+            live = [r for r in ids if r in engine.scheduler.requests]
+            for k, rid in enumerate(live):
+                engine.set_priority(rid, (k + steps // every) % 3)
+        for state in list(states):
+            hit = next((r for r in engine.scheduler.requests.values() if r.status is RequestStatus(state)), None)
+            if hit is not None:
+                engine.abort_request(hit.request_id)
+                aborted.add(hit.request_id)
+                states.discard(state)
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o
+        assert steps < 2000
+    return ids, done, aborted
+
+
+@pytest.mark.parametrize("overlap,groups,reuse", [(True, True, True), (False, False, False), (True, False, True),
+                                                  (False, True, False)])
+def test_swap_variants_keep_outputs_exact_under_churn_and_aborts(tiny_model_dir, overlap, groups, reuse):
+    """Block groups, overlapped swaps and host reuse, each on and off, under forced preemption with priorities
+    changing at runtime; a request aborted while swapping in (overlap) or while swapped out."""
+    llm = _llm(tiny_model_dir, num_kv_blocks=24, num_host_blocks=200, preemption_mode="swap",
+               scheduling_policy="priority", max_num_batched_tokens=24, swap_overlap=overlap,
+               swap_block_groups=groups, host_prefix_cache=reuse)
+    engine = llm.engine
+    prompts = _prompts(6, 20, 34, seed=11)
+    abort_in = ("swapping_in",) if overlap else ("swapped",)
+    ids, done, aborted = _run_with_priority_churn(engine, prompts, 16, abort_in=abort_in)
+    assert aborted, f"no request was ever {abort_in[0]}"
+    for rid, prompt in zip(ids, prompts):
+        if rid not in aborted:
+            assert done[rid].token_ids == hf_greedy(tiny_model_dir, prompt, 16)
+    kv = engine.kv
+    assert kv.swap_in_blocks > 0 and engine.scheduler.num_preemptions > 0
+    assert kv.num_used_blocks == 0 and kv.host_pool.num_used_blocks == 0 and not kv.transfers
+    if not groups:
+        assert kv.swap_copies == kv.swap_out_blocks + kv.swap_in_blocks, "one copy per block without groups"
+    else:
+        assert kv.swap_copies < kv.swap_out_blocks + kv.swap_in_blocks, "runs of blocks copied as one"
+    if reuse:
+        assert kv.swap_out_reused_blocks > 0, "a second swap-out found blocks already on the host"
+    else:
+        assert kv.swap_out_reused_blocks == 0
+
+
+def test_next_turn_loads_its_history_from_the_host_and_stays_exact(tiny_model_dir):
+    """Turn 1 is swapped out; its device prefix cache is dropped; turn 2 (turn 1 + reply + new message) finds
+    the history on the host and computes only the rest, with the same tokens as a full recompute."""
+    llm = _llm(tiny_model_dir, num_kv_blocks=24, num_host_blocks=200, preemption_mode="swap",
+               scheduling_policy="priority", max_num_batched_tokens=24)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    turn1 = _prompts(1, 40, 40, seed=12)[0]
+    rid = engine.add_request(turn1, params, priority=5)
+    for _ in range(3):
+        engine.step()
+    for p in _prompts(2, 30, 30, seed=13):     # urgent requests push turn 1 out to the host
+        engine.add_request(p, params, priority=0)
+    outs = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                outs[o.request_id] = o
+    assert engine.kv.swap_out_blocks > 0
+    engine.kv.pool.reset_prefix_cache()
+    turn2 = turn1 + outs[rid].token_ids + [17, 18, 19]
+    out2 = llm.generate([turn2], params)[0]
+    assert out2.token_ids == hf_greedy(tiny_model_dir, turn2, 8)
+    assert engine.kv.host_prefix_hits >= 40 // 4 * 4 - 4 and out2.num_cached_tokens >= 36
