@@ -71,6 +71,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--w-p", type=float, default=1.0, help="service per prompt token (VTC's w_p)")
     g.add_argument("--w-q", type=float, default=2.0, help="service per output token (VTC's w_q)")
     g.add_argument("--priorities", default=None, help="priorities to send, e.g. 0,1,2 (lower is more urgent)")
+    g.add_argument("--priority-churn", type=float, default=None, metavar="SECONDS",
+                   help="every SECONDS, give each request in flight a new priority drawn from --priorities "
+                        "(default 0,1,2,3) through POST /v1/requests/{id}/priority: context switches under load")
     g.add_argument("--priority-per", choices=["request", "tenant"], default="request",
                    help="drawn per request, or tenant i gets the i-th priority")
     g.add_argument("--slo", nargs="+", default=None, metavar="KEY:MS",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ class Target:
     ignore_eos: bool = True
     request_timeout: float = 600.0      # seconds without a byte from the server
     max_concurrency: int | None = None
+    # (every seconds, priorities): re-prioritize the requests in flight while the run goes on
+    priority_churn_s: tuple[float, list[int]] | None = None
+    priority_changes: int = 0
 
     @property
     def url(self) -> str:
@@ -99,8 +103,10 @@ async def list_models(client: httpx.AsyncClient, base_url: str) -> list[str]:
         raise BenchError(f"GET {url} did not return an OpenAI model list") from None
 
 
-async def send(client: httpx.AsyncClient, target: Target, body: dict, rec: RequestRecord, t0: float) -> None:
-    """POST one streaming request and fill ``rec`` (times relative to ``t0``, a perf_counter reading)."""
+async def send(client: httpx.AsyncClient, target: Target, body: dict, rec: RequestRecord, t0: float,
+               live: dict[int, str] | None = None) -> None:
+    """POST one streaming request and fill ``rec`` (times relative to ``t0``, a perf_counter reading).
+    ``live``: record index -> the server's request id (X-Request-Id) while the response streams."""
     start = time.perf_counter()
     rec.sent, rec.send_s = True, start - t0
     done = False
@@ -113,6 +119,8 @@ async def send(client: httpx.AsyncClient, target: Target, body: dict, rec: Reque
                 await resp.aread()
                 rec.fail(f"http_{resp.status_code}", _error_message(resp), time.perf_counter() - start)
                 return
+            if live is not None and resp.headers.get("x-request-id"):
+                live[rec.index] = resp.headers["x-request-id"]
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):
                     continue  # blank separators, comments, event:/id: fields
@@ -164,6 +172,28 @@ async def send(client: httpx.AsyncClient, target: Target, body: dict, rec: Reque
     except Exception as e:  # noqa: BLE001 - every failure becomes the record's error, never the run's
         kind, msg = describe(e, target.base_url)
         rec.fail(kind, msg, time.perf_counter() - start)
+    finally:
+        if live is not None:
+            live.pop(rec.index, None)
+
+
+async def churn_priorities(client: httpx.AsyncClient, target: Target, live: dict[int, str],
+                           stop: asyncio.Event, seed: int = 0) -> None:
+    """Every ``target.priority_churn_s[0]`` seconds give each request in flight a new priority, drawn from
+    ``target.priority_churn_s[1]``. A request that finished meanwhile answers 404; that is not an error."""
+
+    every, choices = target.priority_churn_s
+    rng = random.Random(seed)
+    base = target.base_url.rstrip("/")
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every)
+        for rid in list(live.values()):
+            with contextlib.suppress(httpx.HTTPError):
+                resp = await client.post(f"{base}/v1/requests/{rid}/priority",
+                                         json={"priority": rng.choice(choices)}, timeout=10.0)
+                if resp.status_code == 200:
+                    target.priority_changes += 1
 
 
 def _prompt_for(target: Target, spec: RequestSpec, text: str, history: list[dict] | str | None):
@@ -192,6 +222,7 @@ async def run_chains(target: Target, chains: Sequence[Sequence[RequestSpec]], te
     own = client is None
     client = client or make_client(target)
     stop = asyncio.Event()
+    live: dict[int, str] = {}
     state = {"connect_failures": 0, "reason": None}
     t0 = time.perf_counter()
 
@@ -223,11 +254,11 @@ async def run_chains(target: Target, chains: Sequence[Sequence[RequestSpec]], te
                         return
                     if on_sent is not None:
                         on_sent(rec)
-                    await send(client, target, body, rec, t0)
+                    await send(client, target, body, rec, t0, live)
             else:
                 if on_sent is not None:
                     on_sent(rec)
-                await send(client, target, body, rec, t0)
+                await send(client, target, body, rec, t0, live)
             account(rec)
             if on_done is not None:
                 on_done(rec)
@@ -237,9 +268,15 @@ async def run_chains(target: Target, chains: Sequence[Sequence[RequestSpec]], te
                 return
             history = _extend(target, prompt, rec.text)
 
+    churn_done = asyncio.Event()
+    churn = asyncio.create_task(churn_priorities(client, target, live, churn_done)) \
+        if target.priority_churn_s is not None else None
     try:
         await asyncio.gather(*(one(c) for c in chains))
     finally:
+        churn_done.set()
+        if churn is not None:
+            await churn
         if own:
             await client.aclose()
     return state["reason"]

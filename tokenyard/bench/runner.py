@@ -59,7 +59,16 @@ def target_from_args(args: argparse.Namespace, endpoint: str | None = None) -> T
     return Target(base_url=args.base_url.rstrip("/"), endpoint=endpoint or args.endpoint or "completions",
                   model=args.model, api_key=args.api_key or os.environ.get("TOKENYARD_API_KEY"),
                   ignore_eos=args.ignore_eos, request_timeout=args.request_timeout,
-                  max_concurrency=args.max_concurrency)
+                  max_concurrency=args.max_concurrency, priority_churn_s=_churn(args))
+
+
+def _churn(args: argparse.Namespace) -> tuple[float, list[int]] | None:
+    every = getattr(args, "priority_churn", None)
+    if every is None:
+        return None
+    if not every > 0:
+        raise ValueError(f"--priority-churn: must be a positive number of seconds, got {every}")
+    return every, parse_priorities(args.priorities) or [0, 1, 2, 3]
 
 
 def lengths_from_args(args: argparse.Namespace) -> tuple[LengthDist, LengthDist]:
@@ -179,6 +188,8 @@ def execute(target: Target, specs: list[RequestSpec], texts: dict[int, str], rec
                                              on_sent=prog.sent))
         except KeyboardInterrupt:
             return True
+    if target.priority_churn_s is not None:
+        say(f"priority churn: {target.priority_changes} priority changes sent")
     if gave_up:
         say(f"stopped early: {gave_up} (is the server still running at {target.base_url}?)")
     return False
