@@ -44,20 +44,20 @@ console = Console(width=150)
 
 VARIANTS = {
     "recompute": ["--preemption-mode", "recompute"],
-    "swap-sync": ["--preemption-mode", "swap", "--no-swap-overlap", "--no-swap-block-groups",
+    "swap-sync": ["--preemption-mode", "swap", "--swap-overlap", "off", "--no-swap-block-groups",
                   "--no-host-prefix-cache"],
-    "fastswitch": ["--preemption-mode", "swap"],
-    # ablations: one FastSwitch idea off at a time
-    "no-overlap": ["--preemption-mode", "swap", "--no-swap-overlap"],
-    "no-groups": ["--preemption-mode", "swap", "--no-swap-block-groups"],
-    "no-reuse": ["--preemption-mode", "swap", "--no-host-prefix-cache"],
+    "fastswitch": ["--preemption-mode", "swap", "--swap-overlap", "on"],
+    # ablations: one FastSwitch idea off at a time (no-overlap is what `--preemption-mode swap` does on CPU)
+    "no-overlap": ["--preemption-mode", "swap", "--swap-overlap", "off"],
+    "no-groups": ["--preemption-mode", "swap", "--swap-overlap", "on", "--no-swap-block-groups"],
+    "no-reuse": ["--preemption-mode", "swap", "--swap-overlap", "on", "--no-host-prefix-cache"],
 }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--variants", default="recompute,swap-sync,fastswitch",
+    p.add_argument("--variants", default="recompute,swap-sync,no-overlap,fastswitch",
                    help=f"comma-separated, run in turn: {', '.join(VARIANTS)}")
     p.add_argument("--num-prompts", type=int, default=64, help="requests (16 conversations of 4 turns)")
     p.add_argument("--multi-turn", type=int, default=4)
@@ -76,6 +76,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bench-timeout", type=float, default=1800.0)
     p.add_argument("--out", default=str(HERE / "results" / "context_switch.json"))
     return p.parse_args(argv)
+
+
+def kv_block_bytes(block_size: int = 16) -> int:
+    import torch
+
+    from tokenyard.engine.kv_store import KVStore
+    from tokenyard.model.config import ModelConfig
+    from tokenyard.model.loader import read_hf_config, resolve_model
+
+    cfg = ModelConfig.from_hf(read_hf_config(resolve_model(None).hf_dir))
+    return KVStore.bytes_per_block(cfg, block_size, torch.float32)
 
 
 # --------------------------------------------------------------------------- part 1: copy throughput
@@ -154,6 +165,7 @@ def run_variant(args: argparse.Namespace, name: str, outdir: Path) -> dict:
         report["server_metrics"] = {k: v for k, v in scrape(server.url).items() if k.startswith("tokenyard_")
                                     and "{" not in k}
         report["bench_log_tail"] = tail(outdir / f"{name}.bench.log", 3)
+        report["block_bytes"] = args.block_bytes
         report["ready_s"] = ready_s
         report["wall_s"] = time.monotonic() - t0
         return report
@@ -186,6 +198,8 @@ def summarize(report: dict) -> dict:
         "host_prefix_hit_tokens": m.get("tokenyard_host_prefix_hit_tokens_total", 0.0),
         "prefix_hit_tokens": m.get("tokenyard_prefix_cache_hit_tokens_total", 0.0),
         "copies_per_preemption": (m.get("tokenyard_swap_copies_total", 0.0) / preempt) if preempt else None,
+        "blocks_per_copy": ((swapped_out + m.get("tokenyard_swap_in_bytes_total", 0.0)) / report["block_bytes"]
+                            / m["tokenyard_swap_copies_total"]) if m.get("tokenyard_swap_copies_total") else None,
         "mb_out_per_preemption": (swapped_out / preempt / 1e6) if preempt else None,
     }
 
@@ -210,7 +224,8 @@ def print_tables(copy: dict | None, summaries: dict[str, dict]) -> None:
     cols = [("variant", None), ("TTFT P95 ms", "ttft_p95_ms"), ("TTFT P99 ms", "ttft_p99_ms"),
             ("TBT P99 ms", "tbt_p99_ms"), ("TBT P99.9 ms", "tbt_p999_ms"), ("out tok/s", "output_throughput"),
             ("preempt", "preemptions"), ("copies/preempt", "copies_per_preemption"),
-            ("MB out/preempt", "mb_out_per_preemption"), ("host hit tok", "host_prefix_hit_tokens"),
+            ("MB out/preempt", "mb_out_per_preemption"), ("blocks/copy", "blocks_per_copy"),
+            ("host hit tok", "host_prefix_hit_tokens"),
             ("reused blk", "swap_out_reused_blocks"), ("failed", "failed")]
     for c, _ in cols:
         t.add_column(c)
@@ -257,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     outdir = out.with_suffix("")
     outdir.mkdir(parents=True, exist_ok=True)
+    args.block_bytes = kv_block_bytes()
     copy = None
     if not args.skip_copy:
         console.print("[bold]copy throughput[/bold] (in process)")

@@ -188,6 +188,26 @@ def _run_with_priority_churn(engine, prompts, max_new, every=4, abort_in=()):
     return ids, done, aborted
 
 
+def _hold_first_swap_in_one_step(engine) -> None:
+    """On CPU a swap-in's copy lands within its step, so between steps nobody is ever seen SWAPPING_IN. Hold the
+    first swap-in's completion back one step (as a slow copy would), so the test can abort it mid-transfer."""
+    from tokenyard.sched.request import RequestStatus
+
+    poll, held, armed = engine.runner.poll_transfers, [], [True]
+    flight = engine.scheduler.in_flight
+
+    def held_poll(block: bool = False) -> list[int]:
+        got = held + poll(block)
+        held.clear()
+        if armed[0] and any(t in flight and flight[t].status is RequestStatus.SWAPPING_IN for t in got):
+            armed[0] = False
+            held.extend(got)
+            return []
+        return got
+
+    engine.runner.poll_transfers = held_poll
+
+
 @pytest.mark.parametrize("overlap,groups,reuse", [(True, True, True), (False, False, False), (True, False, True),
                                                   (False, True, False)])
 def test_swap_variants_keep_outputs_exact_under_churn_and_aborts(tiny_model_dir, overlap, groups, reuse):
@@ -199,6 +219,8 @@ def test_swap_variants_keep_outputs_exact_under_churn_and_aborts(tiny_model_dir,
     engine = llm.engine
     prompts = _prompts(6, 20, 34, seed=11)
     abort_in = ("swapping_in",) if overlap else ("swapped",)
+    if overlap:
+        _hold_first_swap_in_one_step(engine)
     ids, done, aborted = _run_with_priority_churn(engine, prompts, 16, abort_in=abort_in)
     assert aborted, f"no request was ever {abort_in[0]}"
     for rid, prompt in zip(ids, prompts):

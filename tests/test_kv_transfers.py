@@ -192,3 +192,12 @@ def test_a_later_turn_loads_its_prefix_from_the_host_instead_of_recomputing():
     out = _step(sched)
     chunk = next(c for c in out.chunks if c.request_id == "turn2")
     assert chunk.start_pos == 12, "only the tokens after the host hit are computed"
+
+
+def test_fragmented_free_space_is_taken_longest_runs_first():
+    pool = BlockPool(10)
+    blocks = pool.allocate(10)
+    pool.free([blocks[i] for i in (1, 4, 5, 6, 8, 9)])
+    got = pool.allocate(5)
+    assert [b.block_id for b in got] == [4, 5, 6, 8, 9] and pool.runs([b.block_id for b in got]) == 2
+    pool.check()

@@ -386,6 +386,44 @@ def test_metrics_exposed(tiny):
     assert m["tokenyard_time_to_first_token_seconds_count"] > 0 and m["tokenyard_generation_tokens_total"] > 0
 
 
+def test_context_switch_metrics_under_swap_preemption(tiny_llama_dir, tmp_path):
+    """A pool too small for the batch, swap preemption, priorities changed over HTTP while requests stream: the
+    swap counters move, bytes are whole blocks, and copies group blocks (fewer copies than blocks)."""
+    server = Server(["--model", str(tiny_llama_dir), "--num-kv-blocks", "24", "--block-size", "4",
+                     "--preemption-mode", "swap", "--scheduling-policy", "priority", "--max-num-seqs", "8",
+                     "--check-invariants"], tmp_path / "swap.log")
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        prompts = [[3 + (7 * i + k) % 200 for k in range(24 + 2 * i)] for i in range(6)]
+
+        def one(i: int) -> str:
+            with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60, json={
+                "model": model, "prompt": prompts[i], "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+                "stream": True, "priority": i % 3,
+            }) as resp:
+                rid = resp.headers["x-request-id"]
+                for k, _ in enumerate(resp.iter_lines()):
+                    if k == 3:   # mid-stream: the first become the most urgent
+                        httpx.post(f"{server.url}/v1/requests/{rid}/priority", json={"priority": 0 if i < 3 else 2})
+            return rid
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            list(pool.map(one, range(6)))
+        m = server.metrics()
+        assert m["tokenyard_preemptions_total"] > 0
+        out_b, in_b, copies = (m["tokenyard_swap_out_bytes_total"], m["tokenyard_swap_in_bytes_total"],
+                               m["tokenyard_swap_copies_total"])
+        cfg = json.loads((tiny_llama_dir / "config.json").read_text())
+        block_bytes = 2 * cfg["num_hidden_layers"] * 4 * cfg["num_key_value_heads"] * \
+            (cfg["hidden_size"] // cfg["num_attention_heads"]) * 4
+        assert out_b > 0 and in_b > 0 and out_b % block_bytes == 0 and in_b % block_bytes == 0
+        assert 0 < copies < (out_b + in_b) / block_bytes, "runs of blocks are copied as one"
+        assert "tokenyard_host_prefix_hit_tokens_total" in m and m["tokenyard_num_requests_swapping"] == 0
+    finally:
+        assert server.stop() == 0, server.log.read_text()
+
+
 # --------------------------------------------------------------------------- AsyncEngine in-process
 def test_async_engine_close_and_shutdown_abort(tiny_llama_dir):
     import asyncio

@@ -27,8 +27,10 @@ class EngineConfig:
     enable_prefix_caching: bool = _opt(True, "reuse the KV of shared prompt prefixes")
     preemption_mode: str = _opt("recompute", "what a preempted request loses: its KV (recompute) or its place "
                                 "on the device (swap to host)", ("recompute", "swap"))
-    swap_overlap: bool = _opt(True, "with swap: copy KV swaps beside the forward pass (a swapped-in request "
-                              "computes once its copy has landed) instead of before it")
+    swap_overlap: str = _opt("auto", "with swap: copy KV swaps beside the forward pass (a swapped-in request "
+                             "computes once its copy has landed) instead of before it; auto: on for CUDA, off on "
+                             "CPU, where a copy takes about a hundredth of a step and waiting a step for it costs more",
+                             ("auto", "on", "off"))
     swap_block_groups: bool = _opt(True, "with swap: allocate KV blocks in contiguous runs and copy each run as "
                                    "one copy (off: one copy per block)")
     host_prefix_cache: bool = _opt(True, "with swap: keep swapped-out KV on the host as a prefix cache (a swap-out "
@@ -57,6 +59,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if isinstance(self.swap_overlap, bool):   # the Python API may say True / False
+            self.swap_overlap = "on" if self.swap_overlap else "off"
+        if self.swap_overlap not in ("auto", "on", "off"):
+            raise ValueError(f"swap_overlap must be 'auto', 'on' or 'off', got {self.swap_overlap!r}")
         if self.preemption_mode not in ("recompute", "swap"):
             raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
         check_policy_name(self.scheduling_policy)

@@ -84,7 +84,7 @@ class LLMEngine:
                 max_num_seqs=config.max_num_seqs,
                 scheduling_policy=config.scheduling_policy,
                 preemption_mode=config.preemption_mode,
-                swap_overlap=config.swap_overlap,
+                swap_overlap=config.swap_overlap == "on" or (config.swap_overlap == "auto" and device.type == "cuda"),
                 vtc_w_p=config.vtc_w_p,
                 vtc_w_q=config.vtc_w_q,
                 tenant_weights=config.tenant_weight_map(),
@@ -224,7 +224,9 @@ class LLMEngine:
         return self.scheduler.set_priority(request_id, priority)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        """Requests to run, or KV copies still in flight (an aborted request's blocks stay pinned until its copy
+        lands: the engine is not idle before that)."""
+        return self.scheduler.has_unfinished_requests() or self.scheduler.has_transfers_in_flight()
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:

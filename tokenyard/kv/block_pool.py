@@ -1,4 +1,4 @@
-"""Device KV block pool: reference counts, an LRU free queue and the prefix-cache hash map.
+"""KV block pool: reference counts, free lists, the prefix-cache hash map, and contiguous runs (block groups).
 
 Pure Python bookkeeping (no torch): the simulator and the cluster layer reuse it unchanged.
 
@@ -7,11 +7,18 @@ later request with the same prefix can take it back (a cache hit) until the pool
 else, which evicts the hash. Free blocks without a hash ("clean") are handed out first; cached ones are
 evicted least recently freed first.
 
-Block groups: allocation prefers contiguous runs of block ids (it extends the run a request already ends with,
-then looks for a free run of the whole size), because with the block-major tensor layout a run of blocks is
-one contiguous range, so swapping it is one copy. Eviction stays per block and LRU: a prefix-cache block is
-worth keeping for its hash, not its position, so clean blocks are taken before any cached block is evicted,
-and only clean blocks are searched for runs.
+Block groups. With the block-major tensor layout a run of consecutive block ids is one contiguous range, so
+swapping it is one copy; allocation therefore hands out runs where it can:
+
+1. a request's new blocks extend the run its table ends with, while the following blocks are free;
+2. then the first clean run of the whole size;
+3. then the longest clean runs there are (taking clean blocks evicts nothing);
+4. then eviction, at group granularity: the least recently freed cached block goes, together with the free
+   blocks around it up to the size still needed. Per-block LRU eviction would scatter every allocation once
+   the prefix cache fills the pool (in steady state nearly every free block is cached): it picks blocks in
+   the order they were freed, not by position. Group eviction keeps LRU's choice of the oldest block and
+   takes its neighbours with it, so a neighbour may go before an older block elsewhere: a little cache for
+   far fewer copies. Extending a run (1) may likewise evict the cached block that follows it.
 
 The same class serves the host tier (``HostBlockPool``), where hashes let a swap-out skip the blocks whose
 copy the host already holds and let a new turn of a conversation find its history there.
@@ -42,7 +49,8 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        # Free blocks without a hash: a byte per block (1 = clean and free), searched for runs.
+        # A byte per block, searched for runs: 1 = free (clean or cached) in _free, 1 = free and clean in _clean.
+        self._free = bytearray(b"\x01") * num_blocks
         self._clean = bytearray(b"\x01") * num_blocks
         self._num_clean = num_blocks
         # Free blocks with a hash, ordered by the time they were freed: the head is evicted first.
@@ -62,52 +70,79 @@ class BlockPool:
         return self._cached.get(block_hash) if self.enable_caching else None
 
     def allocate(self, n: int, after: int | None = None) -> list[Block]:
-        """Take ``n`` free blocks, as contiguous as the free space allows; ``after``: the block id the new ones
-        should follow (a request's last block). Caller checks capacity first."""
+        """Take ``n`` free blocks, as few runs as the free space allows (see the module docstring); ``after``:
+        the block id the new ones should follow (a request's last block). Caller checks capacity first."""
         if n > self.num_free_blocks:
             raise RuntimeError(f"asked for {n} blocks, {self.num_free_blocks} free")
         ids: list[int] = []
-        clean = self._clean
+        free, clean = self._free, self._clean
         if after is not None:
             i = after + 1
-            while len(ids) < n and i < self.num_blocks and clean[i]:
-                clean[i] = 0
-                ids.append(i)
-                i += 1
-        need = min(n - len(ids), self._num_clean - len(ids))
-        if need > 0:
-            start = clean.find(b"\x01" * need) if need > 1 else -1
+            end = free.find(0, i) if i < self.num_blocks else i
+            end = self.num_blocks if end < 0 else end
+            ids.extend(range(i, min(end, i + n)))
+            self._take(ids)
+        need = n - len(ids)
+        if need > 1:
+            start = clean.find(b"\x01" * need)
             if start >= 0:
-                clean[start:start + need] = bytes(need)
-                ids.extend(range(start, start + need))
-            else:  # no run that long: first fit, block by block
-                pos = 0
-                for _ in range(need):
-                    pos = clean.find(1, pos)
-                    clean[pos] = 0
-                    ids.append(pos)
-        self._num_clean -= len(ids)
-        out = []
-        for i in ids:
-            block = self.blocks[i]
+                run = range(start, start + need)
+                self._take(run)
+                ids.extend(run)
+                need = 0
+        while need and self._num_clean:
+            start = clean.find(1)
+            if need > 1:   # the longest clean run (there is none of the whole size)
+                best, pos = 0, start
+                while pos >= 0:
+                    end = clean.find(0, pos)
+                    end = self.num_blocks if end < 0 else end
+                    if end - pos > best:
+                        best, start = end - pos, pos
+                    pos = clean.find(1, end)
+            end = clean.find(0, start)
+            end = self.num_blocks if end < 0 else end
+            run = range(start, min(end, start + need))
+            self._take(run)
+            ids.extend(run)
+            need -= len(run)
+        while need:        # group eviction around the least recently freed cached block
+            oldest = next(iter(self._cached_free))
+            lo = free.rfind(0, 0, oldest) + 1
+            hi = free.find(0, oldest)
+            hi = self.num_blocks if hi < 0 else hi
+            take = min(need, hi - lo)
+            start = max(lo, min(oldest, hi - take))
+            run = range(start, start + take)
+            self._take(run)
+            ids.extend(run)
+            need -= take
+        out = [self.blocks[i] for i in ids]
+        for block in out:
             block.ref_cnt = 1
-            out.append(block)
-        while len(out) < n:  # evict prefix-cache blocks, least recently freed first
-            block_id, _ = self._cached_free.popitem(last=False)
-            block = self.blocks[block_id]
+        return out
+
+    def _take(self, ids: range | list[int]) -> None:
+        """Mark free blocks as handed out, evicting the hashes of cached ones."""
+        for i in ids:
+            self._free[i] = 0
+            if self._clean[i]:
+                self._clean[i] = 0
+                self._num_clean -= 1
+                continue
+            del self._cached_free[i]
+            block = self.blocks[i]
             if self._cached.get(block.block_hash) is block:
                 del self._cached[block.block_hash]
             block.block_hash = None
             block.content = None
             self.num_evictions += 1
-            block.ref_cnt = 1
-            out.append(block)
-        return out
 
     def touch(self, blocks: list[Block]) -> None:
         """Take a reference on each block (cache hits; a transfer pinning the blocks it copies)."""
         for block in blocks:
             if block.ref_cnt == 0:
+                self._free[block.block_id] = 0
                 if block.block_hash is None:
                     self._clean[block.block_id] = 0
                     self._num_clean -= 1
@@ -122,6 +157,7 @@ class BlockPool:
                 raise RuntimeError(f"double free of block {block.block_id}")
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
+                self._free[block.block_id] = 1
                 if block.block_hash is None:
                     self._clean[block.block_id] = 1
                     self._num_clean += 1
@@ -167,6 +203,7 @@ class BlockPool:
             i = block.block_id
             require(block.ref_cnt >= 0, f"block {i} has negative refs")
             free = bool(self._clean[i]) or i in self._cached_free
+            require(bool(self._free[i]) == free, f"block {i}: free map says {self._free[i]}, lists say {free}")
             require((block.ref_cnt == 0) == free, f"block {i}: ref_cnt={block.ref_cnt} but free={free}")
             require(not (self._clean[i] and i in self._cached_free), f"block {i} is free twice")
             if block.ref_cnt == 0:
