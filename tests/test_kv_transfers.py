@@ -201,3 +201,28 @@ def test_fragmented_free_space_is_taken_longest_runs_first():
     got = pool.allocate(5)
     assert [b.block_id for b in got] == [4, 5, 6, 8, 9] and pool.runs([b.block_id for b in got]) == 2
     pool.check()
+
+
+def test_the_pool_and_manager_checks_catch_corruption():
+    from tokenyard.invariants import InvariantError
+
+    kv = KVCacheManager(64, 4, 8, True)
+    assert kv.allocate_slots("a", 10)
+    kv.check_invariants()
+    kv.pool.blocks[40].ref_cnt = 1                  # referenced, yet in the free map
+    with pytest.raises(InvariantError, match="block 40"):
+        kv.check_invariants()
+    kv.pool.blocks[40].ref_cnt = 0
+    kv.pool.blocks[0].ref_cnt += 1                  # a reference nobody owns
+    with pytest.raises(InvariantError, match="owners"):
+        kv.check_invariants()
+    kv.pool.blocks[0].ref_cnt -= 1
+    kv.pool._clean[50] = 0                          # a free block in no free list
+    with pytest.raises(InvariantError):
+        kv.check_invariants()
+    kv.pool._clean[50] = 1
+    kv.check_invariants()
+    t = kv.swap_out("a", list(range(10)), 10)
+    kv.host_pool.blocks[t.host[0].block_id].ref_cnt -= 1   # an in-flight copy's block looks less held
+    with pytest.raises(InvariantError):
+        kv.check_invariants()

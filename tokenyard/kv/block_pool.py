@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from tokenyard.invariants import require
+from tokenyard.invariants import InvariantError, require
 
 
 @dataclass(eq=False)
@@ -196,19 +196,31 @@ class BlockPool:
         """How many runs of consecutive ids ``block_ids`` falls into (1 = fully contiguous)."""
         return sum(1 for i, b in enumerate(block_ids) if i == 0 or b != block_ids[i - 1] + 1)
 
-    def check(self) -> None:
-        """Raise InvariantError if the pool's own structures disagree."""
-        require(self._num_clean == sum(self._clean), "clean-block count disagrees with the clean map")
-        for block in self.blocks:
-            i = block.block_id
-            require(block.ref_cnt >= 0, f"block {i} has negative refs")
-            free = bool(self._clean[i]) or i in self._cached_free
-            require(bool(self._free[i]) == free, f"block {i}: free map says {self._free[i]}, lists say {free}")
-            require((block.ref_cnt == 0) == free, f"block {i}: ref_cnt={block.ref_cnt} but free={free}")
-            require(not (self._clean[i] and i in self._cached_free), f"block {i} is free twice")
-            if block.ref_cnt == 0:
-                require(bool(self._clean[i]) == (block.block_hash is None),
-                        f"free block {i} is in the wrong free list for its hash")
+    def ref_counts(self) -> list[int]:
+        return [b.ref_cnt for b in self.blocks]
+
+    def check(self, refs: list[int] | None = None) -> None:
+        """Raise InvariantError if the pool's own structures disagree. Whole-pool comparisons run as bytes
+        operations, so the check stays cheap on pools of hundreds of thousands of blocks."""
+        n = self.num_blocks
+        refs = self.ref_counts() if refs is None else refs
+        require(min(refs, default=0) >= 0, "a block has negative refs")
+        zero = bytes(map((0).__eq__, refs))                           # 1 where ref_cnt == 0
+        no_hash = bytes(b.block_hash is None for b in self.blocks)
+        require(self._num_clean == self._clean.count(1), "clean-block count disagrees with the clean map")
+        cached = bytearray(n)
+        for i in self._cached_free:
+            cached[i] = 1
+        require(len(self._cached_free) == cached.count(1), "a block is in the cached free list twice")
+        as_int = int.from_bytes
+        free, clean, cached_i = as_int(self._free, "big"), as_int(self._clean, "big"), as_int(cached, "big")
+        require(clean & cached_i == 0, "a block is both clean and cached free")
+        require(free == clean | cached_i, "the free map disagrees with the free lists")
+        if zero != bytes(self._free):
+            i = next(i for i in range(n) if zero[i] != self._free[i])
+            raise InvariantError(f"block {i}: ref_cnt={refs[i]} but free={bool(self._free[i])}")
+        nh = as_int(no_hash, "big")
+        require(clean == free & nh, "a free block is in the wrong free list for its hash")
         for h, block in self._cached.items():
             require(block.block_hash == h, f"cached block {block.block_id} hash mismatch")
 

@@ -15,10 +15,9 @@ new request whose prefix is on the host (a conversation's next turn) loads it in
 from __future__ import annotations
 
 import itertools
-from collections import Counter
 from dataclasses import dataclass, field
 
-from tokenyard.invariants import require
+from tokenyard.invariants import InvariantError, require
 from tokenyard.kv.block_pool import Block, BlockPool, HostBlockPool
 from tokenyard.kv.hashing import BlockHash, extend_block_hashes, root_hash
 
@@ -302,29 +301,34 @@ class KVCacheManager:
 
     def check_invariants(self) -> None:
         """No block leaked, double owned or dangling, on either tier; every block in flight pinned."""
-        self.pool.check()
-        self.host_pool.check()
-        refs: Counter[int] = Counter()
-        host_refs: Counter[int] = Counter()
+        dev_refs = self.pool.ref_counts()
+        host_refs = self.host_pool.ref_counts()
+        self.pool.check(dev_refs)
+        self.host_pool.check(host_refs)
+        owned = [0] * self.pool.num_blocks
+        host_owned = [0] * self.host_pool.num_blocks
         for req_id, blocks in self.req_blocks.items():
             ids = [b.block_id for b in blocks]
             require(len(ids) == len(set(ids)), f"request {req_id} holds a block twice: {ids}")
-            refs.update(ids)
+            for i in ids:
+                owned[i] += 1
             require(req_id not in self.host_blocks, f"request {req_id} holds device and host blocks")
         for req_id, blocks in self.host_blocks.items():
             ids = [b.block_id for b in blocks]
             require(len(ids) == len(set(ids)), f"request {req_id} holds a host block twice: {ids}")
-            host_refs.update(ids)
+            for i in ids:
+                host_owned[i] += 1
         for t in self.transfers.values():
-            refs.update(b.block_id for b in t.device)
-            host_refs.update(b.block_id for b in t.host)
-            src_pool, dst_pool = (self.pool, self.host_pool) if t.to_host else (self.host_pool, self.pool)
+            for b in t.device:
+                owned[b.block_id] += 1
+            for b in t.host:
+                host_owned[b.block_id] += 1
+            src_refs, dst_refs = (dev_refs, host_refs) if t.to_host else (host_refs, dev_refs)
             for s, d, n in t.segments:
-                for j in range(n):  # a block a copy reads or writes is never free (so never handed out)
-                    require(src_pool.blocks[s + j].ref_cnt > 0 and dst_pool.blocks[d + j].ref_cnt > 0,
-                            f"transfer {t.transfer_id} copies a free block")
-        for pool, counted, tier in ((self.pool, refs, "device"), (self.host_pool, host_refs, "host")):
-            for block in pool.blocks:
-                require(block.ref_cnt == counted.get(block.block_id, 0),
-                        f"{tier} block {block.block_id}: ref_cnt={block.ref_cnt}, "
-                        f"owners={counted.get(block.block_id, 0)}")
+                # A block a copy reads or writes is never free (so never handed out while the copy runs).
+                require(min(src_refs[s:s + n]) > 0 and min(dst_refs[d:d + n]) > 0,
+                        f"transfer {t.transfer_id} copies a free block")
+        for refs, counted, tier in ((dev_refs, owned, "device"), (host_refs, host_owned, "host")):
+            if refs != counted:
+                i = next(i for i in range(len(refs)) if refs[i] != counted[i])
+                raise InvariantError(f"{tier} block {i}: ref_cnt={refs[i]}, owners={counted[i]}")
