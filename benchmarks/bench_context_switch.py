@@ -72,6 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--copy-blocks", type=int, default=64, help="blocks per copy-throughput measurement")
     p.add_argument("--copy-repeats", type=int, default=20)
     p.add_argument("--skip-copy", action="store_true", help="skip the copy-throughput part")
+    p.add_argument("--copy-device", default="cpu", help="where the device KV lives for the copy part (cpu, cuda)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bench-timeout", type=float, default=1800.0)
     p.add_argument("--out", default=str(HERE / "results" / "context_switch.json"))
@@ -90,7 +91,7 @@ def kv_block_bytes(block_size: int = 16) -> int:
 
 
 # --------------------------------------------------------------------------- part 1: copy throughput
-def copy_throughput(n_blocks: int, repeats: int) -> dict:
+def copy_throughput(n_blocks: int, repeats: int, device: str = "cpu") -> dict:
     import torch
 
     from tokenyard.engine.kv_store import KVStore
@@ -98,39 +99,44 @@ def copy_throughput(n_blocks: int, repeats: int) -> dict:
     from tokenyard.model.loader import read_hf_config, resolve_model
 
     cfg = ModelConfig.from_hf(read_hf_config(resolve_model(None).hf_dir))
+    dev = torch.device(device)
     store = KVStore(cfg, num_blocks=2 * n_blocks, num_host_blocks=2 * n_blocks, block_size=16,
-                    device=torch.device("cpu"), dtype=torch.float32)
+                    device=dev, dtype=torch.float32)
     store.kv.normal_()
     nbytes = n_blocks * store.block_bytes
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def timed(fn) -> float:
         fn()
+        sync()
         best = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             fn()
+            sync()
             best.append(time.perf_counter() - t0)
         return float(np.median(best))
 
-    out = {"block_bytes": store.block_bytes, "blocks": n_blocks, "segments": {}}
+    out = {"device": device, "block_bytes": store.block_bytes, "blocks": n_blocks, "segments": {}}
+    nb = dev.type == "cuda"   # pinned host memory: asynchronous copies, as the swap worker issues them
     for seg in [1, 2, 4, 8, 16, 32, 64]:
         if seg > n_blocks:
             break
         # Scattered segments (every other run), so that nothing but the segment size is contiguous.
         segs = [(2 * i * seg % (2 * n_blocks), i * seg, seg) for i in range(n_blocks // seg)]
-        t_out = timed(lambda s=segs: store.copy(s, to_host=True))
-        t_in = timed(lambda s=segs: store.copy([(d, s_, n) for s_, d, n in s], to_host=False))
+        t_out = timed(lambda s=segs: store.copy(s, to_host=True, non_blocking=nb))
+        t_in = timed(lambda s=segs: store.copy([(d, s_, n) for s_, d, n in s], to_host=False, non_blocking=nb))
         out["segments"][seg] = {"copies": len(segs), "out_gbps": nbytes / t_out / 1e9, "in_gbps": nbytes / t_in / 1e9}
     # The layer-major per-block gather the engine used before block groups (two tensors, index copies).
     shape = (cfg.num_layers, 2 * n_blocks, 16, cfg.num_kv_heads, cfg.head_dim)
-    k, v = torch.randn(shape), torch.randn(shape)
+    k, v = torch.randn(shape, device=dev), torch.randn(shape, device=dev)
     kh, vh = torch.zeros(shape), torch.zeros(shape)
-    src = torch.arange(0, 2 * n_blocks, 2)
+    src = torch.arange(0, 2 * n_blocks, 2, device=dev)
     dst = torch.arange(n_blocks)
 
     def gather() -> None:
-        kh[:, dst] = k[:, src]
-        vh[:, dst] = v[:, src]
+        kh[:, dst] = k[:, src].to("cpu")
+        vh[:, dst] = v[:, src].to("cpu")
 
     t = timed(gather)
     out["layer_major_gather_gbps"] = nbytes / t / 1e9
@@ -276,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     copy = None
     if not args.skip_copy:
         console.print("[bold]copy throughput[/bold] (in process)")
-        copy = copy_throughput(args.copy_blocks, args.copy_repeats)
+        copy = copy_throughput(args.copy_blocks, args.copy_repeats, args.copy_device)
     reports = {name: run_variant(args, name, outdir) for name in names}
     summaries = {name: summarize(r) for name, r in reports.items()}
     print_tables(copy, summaries)
