@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,8 +36,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE / "peers"))
 sys.path.insert(0, str(HERE))
-from bench_fairness import scrape  # noqa: E402
-from compare import Peer, Server, free_port, machine, tail  # noqa: E402
+from bench_fairness import run_bench_serve, started  # noqa: E402
+from compare import Peer, free_port, machine  # noqa: E402
 
 console = Console(width=150)
 
@@ -145,39 +144,22 @@ def copy_throughput(n_blocks: int, repeats: int, device: str = "cpu") -> dict:
 
 # --------------------------------------------------------------------------- part 2: serving
 def run_variant(args: argparse.Namespace, name: str, outdir: Path) -> dict:
-    log = outdir / f"{name}.server.log"
-    log.write_text("")
     cmd = [sys.executable, "-m", "tokenyard.cli", "serve", "--host", "127.0.0.1", "--port", str(free_port()),
            "--num-threads", str(args.threads), "--no-access-log", "--scheduling-policy", "priority",
            "--num-kv-blocks", str(args.num_kv_blocks), *VARIANTS[name], *shlex.split(args.server_args)]
-    server = Server(Peer(f"tokenyard-{name}", cmd, "/health"), log)
-    console.print(f"[bold]{name}[/bold]: starting {shlex.join(cmd)}")
-    try:
-        ready_s = server.start(timeout_s=600)
-        result = outdir / f"{name}.json"
-        bench = [sys.executable, "-m", "tokenyard.cli", "bench", "serve", "--base-url", server.url,
-                 "--num-prompts", str(args.num_prompts), "--multi-turn", str(args.multi_turn),
-                 "--request-rate", str(args.request_rate), "--input-len", args.input_len,
-                 "--output-len", args.output_len, "--priorities", args.priorities,
-                 "--priority-churn", str(args.churn), "--seed", str(args.seed), "--label", name,
-                 "--result-json", str(result), "--no-progress"]
-        console.print(f"[dim]$ {shlex.join(bench)}[/dim]")
+    with started(name, Peer(f"tokenyard-{name}", cmd, "/health"), outdir / f"{name}.server.log") as (server, ready):
         t0 = time.monotonic()
-        with open(outdir / f"{name}.bench.log", "w") as f:
-            r = subprocess.run(bench, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=args.bench_timeout)
-        if r.returncode != 0:
-            raise RuntimeError(f"bench exited {r.returncode}:\n{tail(outdir / f'{name}.bench.log')}")
-        report = json.loads(result.read_text())
-        report["server_metrics"] = {k: v for k, v in scrape(server.url).items() if k.startswith("tokenyard_")
-                                    and "{" not in k}
-        report["bench_log_tail"] = tail(outdir / f"{name}.bench.log", 3)
+        report, metrics = run_bench_serve(server.url, [
+            "--num-prompts", str(args.num_prompts), "--multi-turn", str(args.multi_turn),
+            "--request-rate", str(args.request_rate), "--input-len", args.input_len, "--output-len", args.output_len,
+            "--priorities", args.priorities, "--priority-churn", str(args.churn), "--seed", str(args.seed),
+            "--label", name,
+        ], outdir / f"{name}.json", outdir / f"{name}.bench.log", args.bench_timeout)
+        report["server_metrics"] = {k: v for k, v in metrics.items() if k.startswith("tokenyard_") and "{" not in k}
         report["block_bytes"] = args.block_bytes
-        report["ready_s"] = ready_s
+        report["ready_s"] = ready
         report["wall_s"] = time.monotonic() - t0
         return report
-    finally:
-        status = server.stop()
-        console.print(f"[dim]{name}: server stopped (status {status})[/dim]")
 
 
 def pct(values: list[float], q: float) -> float | None:

@@ -30,6 +30,8 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -86,38 +88,48 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
+def run_bench_serve(url: str, bench_args: list[str], result: Path, log: Path,
+                    timeout: float) -> tuple[dict, dict[str, float]]:
+    """Run ``tokenyard bench serve`` against ``url``; its JSON report and the server's /metrics after it."""
+    cmd = [sys.executable, "-m", "tokenyard.cli", "bench", "serve", "--base-url", url, *bench_args,
+           "--result-json", str(result), "--no-progress"]
+    console.print(f"[dim]$ {shlex.join(cmd)}[/dim]")
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"bench exited {r.returncode}:\n{tail(log)}")
+    return json.loads(result.read_text()), scrape(url)
+
+
+@contextmanager
+def started(name: str, peer: Peer, log: Path) -> Iterator[tuple[Server, float]]:
+    """A tokenyard server running for the block (and its seconds to ready); stopped after it, whatever happens."""
+    log.write_text("")
+    server = Server(peer, log)
+    console.print(f"[bold]{name}[/bold]: starting {shlex.join(peer.command)}")
+    try:
+        yield server, server.start(timeout_s=600)
+    finally:
+        status = server.stop()
+        console.print(f"[dim]{name}: server stopped (status {status})[/dim]")
+
+
 def run_policy(args: argparse.Namespace, policy: str, outdir: Path) -> dict:
     safe = policy.replace("+", "-")
-    log = outdir / f"{safe}.server.log"
-    log.write_text("")
-    server = Server(server_peer(args, policy), log)
-    console.print(f"[bold]{policy}[/bold]: starting {shlex.join(server.peer.command)}")
-    try:
-        ready_s = server.start(timeout_s=600)
-        result = outdir / f"{safe}.json"
-        cmd = [sys.executable, "-m", "tokenyard.cli", "bench", "serve", "--base-url", server.url,
-               "--trace", args.trace, "--trace-start", str(args.trace_start), "--num-prompts", str(args.num_prompts),
-               "--trace-time-scale", str(args.trace_time_scale), "--trace-length-scale", str(args.trace_length_scale),
-               "--max-input-len", str(args.max_input_len), "--max-output-len", str(args.max_output_len),
-               "--tenants", str(len(args.tenant_weights.split(","))), "--tenant-weights", args.tenant_weights,
-               "--w-p", str(args.w_p), "--w-q", str(args.w_q), "--seed", str(args.seed), "--label", policy,
-               "--result-json", str(result), "--no-progress"]
-        console.print(f"[dim]$ {shlex.join(cmd)}[/dim]")
+    with started(policy, server_peer(args, policy), outdir / f"{safe}.server.log") as (server, ready_s):
         t0 = time.monotonic()
-        with open(outdir / f"{safe}.bench.log", "w") as f:
-            r = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=args.bench_timeout)
-        if r.returncode != 0:
-            raise RuntimeError(f"bench exited {r.returncode}:\n{tail(outdir / f'{safe}.bench.log')}")
-        metrics = scrape(server.url)
-        report = json.loads(result.read_text())
+        report, metrics = run_bench_serve(server.url, [
+            "--trace", args.trace, "--trace-start", str(args.trace_start), "--num-prompts", str(args.num_prompts),
+            "--trace-time-scale", str(args.trace_time_scale), "--trace-length-scale", str(args.trace_length_scale),
+            "--max-input-len", str(args.max_input_len), "--max-output-len", str(args.max_output_len),
+            "--tenants", str(len(args.tenant_weights.split(","))), "--tenant-weights", args.tenant_weights,
+            "--w-p", str(args.w_p), "--w-q", str(args.w_q), "--seed", str(args.seed), "--label", policy,
+        ], outdir / f"{safe}.json", outdir / f"{safe}.bench.log", args.bench_timeout)
         report["server_metrics"] = {k: v for k, v in metrics.items() if k.startswith("tokenyard_tenant_")
                                     or k in ("tokenyard_kv_blocks_total", "tokenyard_preemptions_total")}
         report["ready_s"] = ready_s
         report["wall_s"] = time.monotonic() - t0
         return report
-    finally:
-        status = server.stop()
-        console.print(f"[dim]{policy}: server stopped (status {status})[/dim]")
 
 
 def records_of(report: dict) -> list:
