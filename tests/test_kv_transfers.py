@@ -226,3 +226,27 @@ def test_the_pool_and_manager_checks_catch_corruption():
     kv.host_pool.blocks[t.host[0].block_id].ref_cnt -= 1   # an in-flight copy's block looks less held
     with pytest.raises(InvariantError):
         kv.check_invariants()
+
+
+def test_swap_in_shares_the_prefix_another_request_keeps_on_the_device():
+    sched = _sched(blocks=14, overlap=False)
+    kv = sched.kv
+    shared = _prompt(12)
+    sched.add_request(Request("low", shared + [60, 61, 62], 20, priority=5, arrival_time=0.0))
+    _step(sched)
+    sched.add_request(Request("twin", shared + [70, 71], 20, priority=1, arrival_time=0.5))
+    _step(sched)
+    twin_blocks = kv.block_ids("twin")
+    sched.add_request(Request("hi", _prompt(36, base=50), 4, priority=0, arrival_time=1.0))
+    out = _step(sched)
+    assert "low" in out.preempted and sched.requests["low"].status is RequestStatus.SWAPPED
+    assert sched.requests["twin"].status is RequestStatus.RUNNING
+    copied_before = kv.swap_in_blocks
+    low = sched.requests["low"]
+    for _ in range(40):
+        if low.status is RequestStatus.RUNNING:
+            break
+        _step(sched)
+    assert low.status is RequestStatus.RUNNING
+    assert kv.block_ids("low")[:3] == twin_blocks[:3], "the shared prefix blocks are shared again, not copied"
+    assert kv.swap_in_blocks - copied_before == 1, "only low's own (partial) block was copied back"

@@ -243,16 +243,37 @@ class KVCacheManager:
         self.swap_out_reused_blocks += len(reused)
         return t
 
-    def swap_in(self, req_id: str) -> KVTransfer:
-        """Bring a swapped-out request's KV back to (freshly allocated, preferably contiguous) device blocks."""
+    def swapped_device_hits(self, req_id: str) -> list[Block]:
+        """Device prefix-cache blocks that hold the first of a swapped-out request's host blocks already (a
+        prefix another request keeps on the device): a swap-in shares them instead of copying them."""
+        hits: list[Block] = []
+        if not self.enable_prefix_caching:
+            return hits
+        for hb in self.host_blocks.get(req_id, ()):
+            if hb.block_hash is None:   # only landed full blocks carry a hash
+                break
+            block = self.pool.get_cached_block(hb.block_hash)
+            if block is None or block.content != hb.content:
+                break
+            hits.append(block)
+        return hits
+
+    def swap_in(self, req_id: str, device_hits: list[Block] = ()) -> KVTransfer:
+        """Bring a swapped-out request's KV back to the device: ``device_hits`` (from swapped_device_hits) are
+        shared, the rest is copied into freshly allocated, preferably contiguous, blocks."""
         host = self.host_blocks.pop(req_id, [])
-        blocks = self.pool.allocate(len(host))
-        self.req_blocks[req_id] = list(blocks)
-        t = self._new_transfer(req_id, False, [(h.block_id, b.block_id) for h, b in zip(host, blocks)])
-        t.host = host                        # the request's host references pass to the transfer
+        k = len(device_hits)
+        self.pool.touch(list(device_hits))
+        blocks = self.pool.allocate(len(host) - k)
+        self.req_blocks[req_id] = [*device_hits, *blocks]
+        if k:
+            self.host_pool.free(host[:k][::-1])   # not read: the device has them
+        t = self._new_transfer(req_id, False, [(h.block_id, b.block_id) for h, b in zip(host[k:], blocks)])
+        t.host = host[k:]                    # the request's host references pass to the transfer
         t.device = list(blocks)
         self.pool.touch(t.device)            # pinned against an abort while the copy writes them
-        self.swap_in_blocks += len(host)
+        t.num_blocks_reused = k
+        self.swap_in_blocks += len(host) - k
         return t
 
     def load_host_hits(self, req_id: str, host_hits: list[Block]) -> KVTransfer:

@@ -237,7 +237,7 @@ class Scheduler:
         swapped = req.status is RequestStatus.SWAPPED
         host_hits: list = []
         if swapped:
-            hits, num_computed = [], req.num_computed_tokens
+            hits, num_computed = self.kv.swapped_device_hits(req.request_id), req.num_computed_tokens
         else:
             hits, num_computed = self.kv.get_computed_blocks(req.request_id, req.all_token_ids, req.cache_salt)
             host_hits = self.kv.get_host_hits(req.request_id, req.all_token_ids, len(hits), req.cache_salt)
@@ -261,7 +261,7 @@ class Scheduler:
                     return False
         self.policy.remove(req)
         if swapped:
-            self._issue(st, self.kv.swap_in(req.request_id), req, overlap)
+            self._issue(st, self.kv.swap_in(req.request_id, hits), req, overlap)
             ok = self.kv.allocate_slots(req.request_id, num_computed + n)
         else:
             ok = self.kv.allocate_slots(req.request_id, dev_computed, hits)
@@ -284,8 +284,8 @@ class Scheduler:
 
     def _blocks_short(self, req: Request, num_tokens: int, hits: list) -> int:
         """How many more free device blocks admitting ``req`` with ``num_tokens`` tokens would need."""
-        if req.status is RequestStatus.SWAPPED:
-            return cdiv(num_tokens, self.kv.block_size) - self.kv.num_free_blocks
+        if req.status is RequestStatus.SWAPPED:   # hits: its prefix some other request keeps on the device
+            return cdiv(num_tokens, self.kv.block_size) - len(hits) - self.kv.pool.num_free_if_touched(hits)
         return self.kv.num_blocks_needed(req.request_id, num_tokens, hits) - self.kv.pool.num_free_if_touched(hits)
 
     def _fits(self, req: Request, num_tokens: int, hits: list) -> bool:
