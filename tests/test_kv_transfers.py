@@ -250,3 +250,30 @@ def test_swap_in_shares_the_prefix_another_request_keeps_on_the_device():
     assert low.status is RequestStatus.RUNNING
     assert kv.block_ids("low")[:3] == twin_blocks[:3], "the shared prefix blocks are shared again, not copied"
     assert kv.swap_in_blocks - copied_before == 1, "only low's own (partial) block was copied back"
+
+
+def test_host_prefix_hits_stay_pinned_while_the_admission_preempts():
+    """Review finding: a new request's host prefix hits were free cached blocks while its admission preempted a
+    victim by swap; the victim's swap-out could take them and the load then copied the victim's KV in as the
+    request's prefix. They are pinned now, and check_invariants would see a load whose source lost its hash."""
+    kv = KVCacheManager(6, 4, 5, True)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, scheduling_policy="priority",
+                                      preemption_mode="swap", swap_overlap=True), kv)
+    p = list(range(100, 109))
+    sched.add_request(Request("P", p, 10, priority=5, arrival_time=0.0))
+    _step(sched)
+    sched.add_request(Request("H", list(range(200, 220)), 1, priority=0, arrival_time=1.0))
+    _step(sched)                                  # P swapped out: its first two blocks now on the host, hashed
+    sched.abort_requests(["P"])
+    _step(sched)
+    sched.add_request(Request("V", list(range(300, 319)), 4, priority=5, arrival_time=2.0))
+    _step(sched)                                  # V fills the device
+    sched.add_request(Request("Q", p[:8] + [1, 2, 3], 5, priority=0, arrival_time=3.0))
+    out = sched.schedule()                        # Q finds P's blocks on the host and preempts V
+    sched.check_invariants()
+    load = next(t for t in out.transfers if t.request_id == "Q")
+    assert "V" in out.preempted and load.num_blocks_copied == 2
+    for h in load.host:
+        assert h.content[1] in (tuple(p[:4]), tuple(p[4:8])), "the host blocks Q loads hold P's prefix"
+    v_host = {b.block_id for b in kv.host_blocks.get("V", [])}
+    assert not v_host & {h.block_id for h in load.host}, "V's swap-out did not take Q's pinned host hits"

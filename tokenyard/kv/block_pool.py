@@ -211,7 +211,6 @@ class BlockPool:
         cached = bytearray(n)
         for i in self._cached_free:
             cached[i] = 1
-        require(len(self._cached_free) == cached.count(1), "a block is in the cached free list twice")
         as_int = int.from_bytes
         free, clean, cached_i = as_int(self._free, "big"), as_int(self._clean, "big"), as_int(cached, "big")
         require(clean & cached_i == 0, "a block is both clean and cached free")
@@ -223,6 +222,7 @@ class BlockPool:
         require(clean == free & nh, "a free block is in the wrong free list for its hash")
         for h, block in self._cached.items():
             require(block.block_hash == h, f"cached block {block.block_id} hash mismatch")
+        require(n - no_hash.count(1) == len(self._cached), "a block carries a hash the prefix-cache map lost")
 
 
 class HostBlockPool(BlockPool):

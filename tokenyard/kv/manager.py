@@ -41,6 +41,8 @@ class KVTransfer:
     host: list[Block] = field(default_factory=list)
     # Host blocks that take a hash when the copy has landed: (block, hash, content).
     register: list[tuple[Block, bytes, tuple[bytes, tuple[int, ...]]]] = field(default_factory=list)
+    # A host prefix load: the hashes its source blocks must still carry until it lands.
+    expect: list[bytes] = field(default_factory=list)
     blocking: bool = False     # the step's forward pass needs it done: copied before it, not overlapped
     num_blocks_reused: int = 0  # blocks the destination already held, not copied
 
@@ -212,8 +214,7 @@ class KVCacheManager:
         """Move the request's KV to the host tier. Full blocks whose copy the host already holds (from an earlier
         swap, or another request with the same prefix) are not copied again. The device blocks stay pinned by
         the transfer until it completes."""
-        blocks = self.req_blocks.pop(req_id, [])
-        self._num_cached.pop(req_id, None)
+        blocks = self.req_blocks.get(req_id, [])
         host: list[Block | None] = [None] * len(blocks)
         contents: list[tuple[bytes, tuple[int, ...]] | None] = [None] * len(blocks)
         hashes = self._hashes.setdefault(req_id, [])
@@ -228,12 +229,17 @@ class KVCacheManager:
         missing = [i for i, b in enumerate(host) if b is None]
         if len(missing) > self.host_pool.num_free_if_touched(reused):
             raise RuntimeError(f"swap_out of {req_id}: host tier full (check can_swap_out first)")
+        del self.req_blocks[req_id]
+        self._num_cached.pop(req_id, None)
         self.host_pool.touch(reused)
         fresh = self.host_pool.allocate(len(missing))
         for i, b in zip(missing, fresh):
             host[i] = b
         t = self._new_transfer(req_id, True, [(blocks[i].block_id, host[i].block_id) for i in missing])
-        t.device = blocks                   # the request's references pass to the transfer
+        # The request's device references pass to the transfer for the blocks it copies; the rest go now.
+        copied = set(missing)
+        t.device = [blocks[i] for i in missing]
+        self.pool.free([b for i, b in enumerate(blocks) if i not in copied][::-1])
         t.host = list(fresh)
         self.host_pool.touch(t.host)        # the transfer's own; the request keeps the host blocks below
         t.register = [(host[i], hashes[i], contents[i]) for i in missing if contents[i] is not None]
@@ -276,15 +282,23 @@ class KVCacheManager:
         self.swap_in_blocks += len(host) - k
         return t
 
-    def load_host_hits(self, req_id: str, host_hits: list[Block]) -> KVTransfer:
+    def load_host_hits(self, req_id: str, host_hits: list[Block], token_ids: list[int],
+                       salt: str | None = None) -> KVTransfer:
         """After allocate_slots gave a request its device prefix hits: device blocks for the prefix found on
-        the host, filled by the returned transfer (the request computes from after them once it lands)."""
+        the host, filled by the returned transfer (the request computes from after them once it lands). The
+        caller has pinned ``host_hits`` (a reference each); the transfer takes those references over."""
         blocks = self.req_blocks.setdefault(req_id, [])
+        hashes = self._hashes.get(req_id, [])
+        first = len(blocks)
+        for i, h in enumerate(host_hits, start=first):
+            require(h.block_hash == hashes[i] and h.content == self._content(token_ids, hashes, i, salt)
+                    and self.host_pool.get_cached_block(h.block_hash) is h,
+                    f"host prefix block {h.block_id} of {req_id} changed before it was loaded")
         fresh = self.pool.allocate(len(host_hits), self._after(blocks))
         blocks.extend(fresh)
         t = self._new_transfer(req_id, False, [(h.block_id, b.block_id) for h, b in zip(host_hits, fresh)])
         t.host = list(host_hits)
-        self.host_pool.touch(t.host)
+        t.expect = [h.block_hash for h in host_hits]
         t.device = list(fresh)
         self.pool.touch(t.device)
         self.swap_in_blocks += len(host_hits)
@@ -339,16 +353,29 @@ class KVCacheManager:
             require(len(ids) == len(set(ids)), f"request {req_id} holds a host block twice: {ids}")
             for i in ids:
                 host_owned[i] += 1
+        writer: dict[tuple[bool, int], int] = {}   # (host tier?, block) -> the in-flight transfer writing it
         for t in self.transfers.values():
             for b in t.device:
                 owned[b.block_id] += 1
             for b in t.host:
                 host_owned[b.block_id] += 1
-            src_refs, dst_refs = (dev_refs, host_refs) if t.to_host else (host_refs, dev_refs)
+            # Every block a copy reads or writes is pinned by that transfer (so never handed out meanwhile).
+            pinned = {(False, b.block_id) for b in t.device} | {(True, b.block_id) for b in t.host}
             for s, d, n in t.segments:
-                # A block a copy reads or writes is never free (so never handed out while the copy runs).
-                require(min(src_refs[s:s + n]) > 0 and min(dst_refs[d:d + n]) > 0,
-                        f"transfer {t.transfer_id} copies a free block")
+                for j in range(n):
+                    src, dst = (not t.to_host, s + j), (t.to_host, d + j)
+                    require(src in pinned and dst in pinned, f"transfer {t.transfer_id} copies a block it does "
+                            f"not pin: {src if src not in pinned else dst}")
+                    other = writer.setdefault(dst, t.transfer_id)
+                    require(other == t.transfer_id, f"transfers {other} and {t.transfer_id} both write {dst}")
+            for h, want in zip(t.host, t.expect):
+                require(h.block_hash == want and self.host_pool.get_cached_block(want) is h,
+                        f"transfer {t.transfer_id} loads host block {h.block_id}, which no longer holds its prefix")
+        for t in self.transfers.values():   # nothing in flight reads a block another in-flight copy writes
+            for s, _, n in t.segments:
+                for j in range(n):
+                    other = writer.get((not t.to_host, s + j), t.transfer_id)
+                    require(other == t.transfer_id, f"transfer {t.transfer_id} reads a block transfer {other} writes")
         for refs, counted, tier in ((dev_refs, owned, "device"), (host_refs, host_owned, "host")):
             if refs != counted:
                 i = next(i for i in range(len(refs)) if refs[i] != counted[i])

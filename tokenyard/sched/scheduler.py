@@ -243,35 +243,30 @@ class Scheduler:
             host_hits = self.kv.get_host_hits(req.request_id, req.all_token_ids, len(hits), req.cache_salt)
         dev_computed = num_computed
         num_computed += len(host_hits) * self.kv.block_size
-        # A swap-in or host load that overlaps the step computes from the next step: blocks for its KV only.
         overlap = self.config.swap_overlap and (swapped or bool(host_hits))
-        n = 0 if overlap else min(req.num_tokens - num_computed, st.budget)
-        if not self._fits(req, num_computed + n, hits):
-            if self._force_swap_outs(st) and self._fits(req, num_computed + n, hits):
-                pass
+        # Pinned while this admission preempts: a victim's swap-out must not take (and overwrite) them.
+        self.kv.host_pool.touch(host_hits)
+        try:
+            if not self._make_room(st, req, num_computed, hits, overlap):
+                return False
+            self.policy.remove(req)
+            n = 0 if overlap else min(req.num_tokens - num_computed, st.budget)
+            if swapped:
+                self._issue(st, self.kv.swap_in(req.request_id, hits), req, overlap)
+                ok = self.kv.allocate_slots(req.request_id, num_computed + n)
             else:
-                plan = self._preemption_plan(st, req, num_computed + n, hits)
-                if plan is None:
-                    return False  # no preemption the policy allows would make room: preempt nobody for nothing
-                for victim in plan:
-                    self._preempt(st, victim)
-                if self._blocks_short(req, num_computed + n, hits) > 0:
-                    self._force_swap_outs(st)   # the victims' blocks are needed now, not once their copies land
-                if not self._fits(req, num_computed + n, hits):
-                    return False
-        self.policy.remove(req)
-        if swapped:
-            self._issue(st, self.kv.swap_in(req.request_id, hits), req, overlap)
-            ok = self.kv.allocate_slots(req.request_id, num_computed + n)
-        else:
-            ok = self.kv.allocate_slots(req.request_id, dev_computed, hits)
-            if host_hits:
-                self._issue(st, self.kv.load_host_hits(req.request_id, host_hits), req, overlap)
-            ok = ok and self.kv.allocate_slots(req.request_id, num_computed + n)
-            self.kv.record_prefix_lookup(req.num_tokens, dev_computed, num_computed - dev_computed)
-            req.num_computed_tokens = num_computed
-            if req.num_cached_tokens < 0:
-                req.num_cached_tokens = num_computed
+                ok = self.kv.allocate_slots(req.request_id, dev_computed, hits)
+                if host_hits:
+                    load = self.kv.load_host_hits(req.request_id, host_hits, req.all_token_ids, req.cache_salt)
+                    host_hits = []   # the load holds them now
+                    self._issue(st, load, req, overlap)
+                ok = ok and self.kv.allocate_slots(req.request_id, num_computed + n)
+                self.kv.record_prefix_lookup(req.num_tokens, dev_computed, num_computed - dev_computed)
+                req.num_computed_tokens = num_computed
+                if req.num_cached_tokens < 0:
+                    req.num_cached_tokens = num_computed
+        finally:
+            self.kv.host_pool.free(host_hits[::-1])
         require(ok, f"admitting {req.request_id}: blocks were checked but could not be allocated")
         st.admitted.add(req.request_id)
         if overlap:
@@ -281,6 +276,23 @@ class Scheduler:
         self.running.append(req)
         self._add_chunk(st, req, n)
         return True
+
+    def _make_room(self, st: _Step, req: Request, num_computed: int, hits: list, overlap: bool) -> bool:
+        """Make ``req`` fit: force in-flight swap-outs, else preempt what the policy allows. A swap-in or host load
+        that overlaps the step computes from the next step, so it needs blocks for its KV only."""
+        num_tokens = num_computed + (0 if overlap else min(req.num_tokens - num_computed, st.budget))
+        if self._fits(req, num_tokens, hits):
+            return True
+        if self._force_swap_outs(st) and self._fits(req, num_tokens, hits):
+            return True
+        plan = self._preemption_plan(st, req, num_tokens, hits)
+        if plan is None:
+            return False  # no preemption the policy allows would make room: preempt nobody for nothing
+        for victim in plan:
+            self._preempt(st, victim)
+        if self._blocks_short(req, num_tokens, hits) > 0:
+            self._force_swap_outs(st)   # the victims' blocks are needed now, not once their copies land
+        return self._fits(req, num_tokens, hits)
 
     def _blocks_short(self, req: Request, num_tokens: int, hits: list) -> int:
         """How many more free device blocks admitting ``req`` with ``num_tokens`` tokens would need."""
