@@ -29,7 +29,7 @@ class EngineConfig:
                                 "on the device (swap to host)", ("recompute", "swap"))
     swap_overlap: str = _opt("auto", "with swap: copy KV swaps beside the forward pass (a swapped-in request "
                              "computes once its copy has landed) instead of before it; auto: on for CUDA, off on "
-                             "CPU, where a copy takes about a hundredth of a step and waiting a step for it costs more",
+                             "CPU, where the copy takes about a millisecond on the cores the forward pass uses",
                              ("auto", "on", "off"))
     swap_block_groups: bool = _opt(True, "with swap: allocate KV blocks in contiguous runs and copy each run as "
                                    "one copy (off: one copy per block)")

@@ -143,6 +143,3 @@ class ModelRunner:
     def poll_transfers(self, block: bool = False) -> list[int]:
         """Overlapped transfers that have landed since the last poll (``block``: wait for one, if any runs)."""
         return self.swap_worker.poll(block)
-
-    def close(self) -> None:
-        self.swap_worker.close()

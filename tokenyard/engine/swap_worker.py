@@ -30,7 +30,7 @@ class SwapWorker:
         self._done: list[int] = []
         self._cond = threading.Condition()
         self._error: BaseException | None = None
-        self._jobs: queue.SimpleQueue[tuple[int, list[Segment], bool] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[int, list[Segment], bool]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         if self._cuda:
             self._stream = torch.cuda.Stream(device=store.device)
@@ -49,7 +49,7 @@ class SwapWorker:
                 event.record(self._stream)
             self._pending[transfer_id] = event
             return
-        if self._thread is None:
+        if self._thread is None:   # a daemon: it idles on the queue until the process exits
             self._thread = threading.Thread(target=self._run, name="tokenyard-swap", daemon=True)
             self._thread.start()
         self._pending[transfer_id] = None
@@ -86,22 +86,13 @@ class SwapWorker:
             self._cond.wait_for(lambda: self._error is not None or all(t in self._done for t in ids))
             self._raise_if_failed()
 
-    def close(self) -> None:
-        if self._thread is not None:
-            self._jobs.put(None)
-            self._thread.join(timeout=5)
-            self._thread = None
-
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise RuntimeError(f"KV swap copy failed: {self._error!r}") from self._error
 
     def _run(self) -> None:
         while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            tid, segments, to_host = job
+            tid, segments, to_host = self._jobs.get()
             try:
                 self.store.copy(segments, to_host)
             except BaseException as e:  # noqa: BLE001 - reported to the engine loop on its next poll
