@@ -285,3 +285,24 @@ def test_tenant_weights_parse_pairs_files_and_json(tmp_path):
         EngineConfig(scheduling_policy="lottery")
     with pytest.raises(ValueError, match="vtc_w_q"):
         EngineConfig(vtc_w_q=-1.0)
+
+
+def test_admission_sizes_its_chunk_before_preempting():
+    """Found re-reading the change: the admission recomputed its chunk after preempting, and a victim's rolled-back
+    decode had returned budget, so it asked for one more block than it had made room for (InvariantError)."""
+    kv = KVCacheManager(9, 1, 32, enable_prefix_caching=True)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=6, scheduling_policy="priority"), kv)
+    reqs = [(0, Request("r0", [5, 6], 6, priority=3, arrival_time=0.0)),
+            (1, Request("r1", [27, 28], 7, priority=3, arrival_time=1.0)),
+            (2, Request("r2", [34, 35, 36, 37, 38], 4, priority=3, arrival_time=2.0)),
+            (3, Request("r3", [41, 42, 43, 44, 45], 3, priority=0, arrival_time=3.0))]
+    preempted = 0
+    for step in range(30):
+        for at, req in reqs:
+            if at == step:
+                sched.add_request(req)
+        out = _step(sched)
+        preempted += len(out.preempted)
+        if not sched.has_unfinished_requests():
+            break
+    assert not sched.has_unfinished_requests() and preempted > 0

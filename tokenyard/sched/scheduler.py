@@ -246,11 +246,12 @@ class Scheduler:
         overlap = self.config.swap_overlap and (swapped or bool(host_hits))
         # Pinned while this admission preempts: a victim's swap-out must not take (and overwrite) them.
         self.kv.host_pool.touch(host_hits)
+        # Sized once, before making room: a victim's rolled-back chunk returns budget, and room is made for this n.
+        n = 0 if overlap else min(req.num_tokens - num_computed, st.budget)
         try:
-            if not self._make_room(st, req, num_computed, hits, overlap):
+            if not self._make_room(st, req, num_computed + n, hits):
                 return False
             self.policy.remove(req)
-            n = 0 if overlap else min(req.num_tokens - num_computed, st.budget)
             if swapped:
                 self._issue(st, self.kv.swap_in(req.request_id, hits), req, overlap)
                 ok = self.kv.allocate_slots(req.request_id, num_computed + n)
@@ -277,10 +278,9 @@ class Scheduler:
         self._add_chunk(st, req, n)
         return True
 
-    def _make_room(self, st: _Step, req: Request, num_computed: int, hits: list, overlap: bool) -> bool:
-        """Make ``req`` fit: force in-flight swap-outs, else preempt what the policy allows. A swap-in or host load
-        that overlaps the step computes from the next step, so it needs blocks for its KV only."""
-        num_tokens = num_computed + (0 if overlap else min(req.num_tokens - num_computed, st.budget))
+    def _make_room(self, st: _Step, req: Request, num_tokens: int, hits: list) -> bool:
+        """Make room for ``req`` holding ``num_tokens`` tokens: force in-flight swap-outs, else preempt what the
+        policy allows."""
         if self._fits(req, num_tokens, hits):
             return True
         if self._force_swap_outs(st) and self._fits(req, num_tokens, hits):
