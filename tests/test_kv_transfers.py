@@ -277,3 +277,40 @@ def test_host_prefix_hits_stay_pinned_while_the_admission_preempts():
         assert h.content[1] in (tuple(p[:4]), tuple(p[4:8])), "the host blocks Q loads hold P's prefix"
     v_host = {b.block_id for b in kv.host_blocks.get("V", [])}
     assert not v_host & {h.block_id for h in load.host}, "V's swap-out did not take Q's pinned host hits"
+
+
+def test_a_forced_swap_out_does_not_jump_into_the_queue_mid_step():
+    """Found re-reading the change (hypothesis, 4000 examples): forcing an in-flight swap-out while admitting a
+    less urgent head queued the forced request at once; it was admitted right after and preempted a running
+    request more urgent than the head that had just been admitted (a priority inversion). Forced requests are
+    queued once the step is decided now."""
+    kv = KVCacheManager(5, 8, 1, False, block_groups=False, host_cache=False)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=7, max_num_seqs=3, scheduling_policy="priority",
+                                      preemption_mode="swap", swap_overlap=True), kv)
+
+    def step():   # nothing lands on its own: copies are slow here
+        out = sched.schedule()
+        sched.check_output(out)
+        key = sched.policy.urgency
+        for rid, urgency in sched.last_preempted.items():
+            assert all(not urgency < key(kept) for kept in sched.running), f"{rid} preempted before a less urgent one"
+        sched.update_from_output(out, {c.request_id: TOKEN for c in out.chunks if c.sample})
+        sched.check_invariants()
+        return out
+
+    def add(rid, plen, max_tokens, priority, t):
+        sched.add_request(Request(rid, _prompt(plen, base=10 * int(rid[1:])), max_tokens, priority=priority,
+                                  arrival_time=t))
+
+    add("r0", 1, 1, 0, 0.0)
+    add("r1", 23, 3, 0, 0.0)
+    for _ in range(4):
+        step()
+    add("r2", 9, 1, 0, 4.0)
+    step()
+    add("r3", 2, 1, 2, 5.0)
+    add("r4", 28, 2, 1, 5.0)
+    forced = False
+    for _ in range(6):
+        forced |= bool(step().wait_for)
+    assert forced, "the scenario must force r2's in-flight swap-out"

@@ -68,6 +68,9 @@ class _Step:
     scheduled: dict[str, tuple[ScheduledChunk, Charge | None]] = field(default_factory=dict)
     admitted: set[str] = field(default_factory=set)
     most_urgent_preempted: tuple | None = None
+    # Swapped out by force this step: queued again only once the step is decided, so no request more urgent
+    # than the head being admitted appears in the queue mid-step (admission order stays the policy's order).
+    landed_out: list[Request] = field(default_factory=list)
 
 
 class Scheduler:
@@ -172,6 +175,8 @@ class Scheduler:
                 i += 1
             elif not self._try_admit(st, cand):
                 admitting = False  # the head does not fit: nothing behind it jumps the queue
+        for req in st.landed_out:
+            self.policy.push(req)
         return st.out
 
     @property
@@ -200,16 +205,20 @@ class Scheduler:
                 t.blocking = True
             else:
                 st.out.wait_for.append(tid)
-            self._landed(self.in_flight.pop(tid, None), t)
+            self._landed(self.in_flight.pop(tid, None), t, st.landed_out)
         return bool(forced)
 
-    def _landed(self, req: Request | None, t: KVTransfer) -> None:
-        """A transfer of ``req`` has completed: it moves on to SWAPPED, or RUNNING (None: it was aborted)."""
+    def _landed(self, req: Request | None, t: KVTransfer, queue_later: list[Request] | None = None) -> None:
+        """A transfer of ``req`` has completed: it moves on to SWAPPED (queued now, or appended to
+        ``queue_later``), or RUNNING (None: it was aborted)."""
         if req is None:
             return
         if t.to_host:
             req.status = RequestStatus.SWAPPED
-            self.policy.push(req)
+            if queue_later is None:
+                self.policy.push(req)
+            else:
+                queue_later.append(req)
         else:
             self._num_swapping_in -= 1
             req.status = RequestStatus.RUNNING
