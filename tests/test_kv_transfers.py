@@ -28,6 +28,11 @@ def _step(sched: Scheduler, land: bool = True):
     return out
 
 
+def _runs(block_ids: list[int]) -> int:
+    """How many runs of consecutive ids ``block_ids`` falls into (1 = fully contiguous)."""
+    return sum(1 for i, b in enumerate(block_ids) if i == 0 or b != block_ids[i - 1] + 1)
+
+
 def _prompt(n: int, base: int = 3) -> list[int]:
     return [base + i % 40 for i in range(n)]
 
@@ -43,7 +48,7 @@ def test_allocation_extends_a_run_and_prefers_contiguous_free_space():
     assert [x.block_id for x in c] == [5, 6, 7]
     d = pool.allocate(2, after=7)           # extends c's run
     assert [x.block_id for x in d] == [8, 9]
-    assert pool.runs([x.block_id for x in c + d]) == 1
+    assert _runs([x.block_id for x in c + d]) == 1
     pool.check()
     assert b
 
@@ -199,7 +204,7 @@ def test_fragmented_free_space_is_taken_longest_runs_first():
     blocks = pool.allocate(10)
     pool.free([blocks[i] for i in (1, 4, 5, 6, 8, 9)])
     got = pool.allocate(5)
-    assert [b.block_id for b in got] == [4, 5, 6, 8, 9] and pool.runs([b.block_id for b in got]) == 2
+    assert [b.block_id for b in got] == [4, 5, 6, 8, 9] and _runs([b.block_id for b in got]) == 2
     pool.check()
 
 

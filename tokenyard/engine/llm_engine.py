@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenyard.config import EngineConfig
+from tokenyard.engine.kv_store import KVStore
 from tokenyard.engine.model_runner import ModelRunner
 from tokenyard.engine.sampler import SAMPLE_FAILED
 from tokenyard.kv.manager import KVCacheManager
@@ -65,7 +66,7 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         device = _device(config.device)
         dtype = _DTYPES[config.dtype]
-        per_block = ModelRunner.kv_bytes_per_block(mc, config.block_size, dtype)
+        per_block = KVStore.bytes_per_block(mc, config.block_size, dtype)
         num_blocks = config.num_kv_blocks or max(int(config.kv_cache_memory_gb * 2**30) // per_block, 1)
         if config.num_host_blocks is not None:
             num_host = config.num_host_blocks

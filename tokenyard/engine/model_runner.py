@@ -38,10 +38,6 @@ class ModelRunner:
         self.swap_worker = SwapWorker(self.store)
         self.states: dict[str, SampleState] = {}
 
-    @staticmethod
-    def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        return KVStore.bytes_per_block(cfg, block_size, dtype)
-
     def add_request(self, request_id: str, params: SamplingParams, stop_token_ids: tuple[int, ...] = (),
                     prompt_token_ids: list[int] | None = None) -> None:
         self.states[request_id] = make_sample_state(params, self.device, stop_token_ids, prompt_token_ids,

@@ -192,10 +192,6 @@ class BlockPool:
         self._cached_free.clear()
         self._cached.clear()
 
-    def runs(self, block_ids: list[int]) -> int:
-        """How many runs of consecutive ids ``block_ids`` falls into (1 = fully contiguous)."""
-        return sum(1 for i, b in enumerate(block_ids) if i == 0 or b != block_ids[i - 1] + 1)
-
     def ref_counts(self) -> list[int]:
         return [b.ref_cnt for b in self.blocks]
 

@@ -44,7 +44,6 @@ class KVTransfer:
     # A host prefix load: the hashes its source blocks must still carry until it lands.
     expect: list[bytes] = field(default_factory=list)
     blocking: bool = False     # the step's forward pass needs it done: copied before it, not overlapped
-    num_blocks_reused: int = 0  # blocks the destination already held, not copied
 
     @property
     def num_blocks_copied(self) -> int:
@@ -95,7 +94,6 @@ class KVCacheManager:
         self.swap_in_blocks = 0
         self.swap_out_reused_blocks = 0
         self.swap_copies = 0
-        self.swap_transfers = 0
 
     # ----------------------------------------------------------------- prefix cache
     def _content(self, token_ids: list[int], hashes: list[BlockHash], i: int,
@@ -110,13 +108,7 @@ class KVCacheManager:
             return [], 0
         hashes = self._hashes.setdefault(req_id, [])
         extend_block_hashes(hashes, token_ids, self.block_size, salt)
-        max_blocks = (len(token_ids) - 1) // self.block_size
-        hits: list[Block] = []
-        for i, h in enumerate(hashes[:max_blocks]):
-            block = self.pool.get_cached_block(h)
-            if block is None or block.content != self._content(token_ids, hashes, i, salt):
-                break
-            hits.append(block)
+        hits = self._chain_hits(self.pool, token_ids, hashes, 0, salt)
         return hits, len(hits) * self.block_size
 
     def get_host_hits(self, req_id: str, token_ids: list[int], start: int,
@@ -124,11 +116,15 @@ class KVCacheManager:
         """Host blocks continuing a prefix hit of ``start`` blocks (call after get_computed_blocks)."""
         if not self.host_pool.enable_caching or not self.host_pool.num_blocks:
             return []
-        hashes = self._hashes.get(req_id, [])
-        max_blocks = (len(token_ids) - 1) // self.block_size
+        return self._chain_hits(self.host_pool, token_ids, self._hashes.get(req_id, []), start, salt)
+
+    def _chain_hits(self, pool: BlockPool, token_ids: list[int], hashes: list[BlockHash], start: int,
+                    salt: str | None) -> list[Block]:
+        """``pool``'s cached blocks for the prefix chain from block ``start`` on, until the first miss; never the
+        block holding the last token (it must run for logits)."""
         hits: list[Block] = []
-        for i in range(start, min(max_blocks, len(hashes))):
-            block = self.host_pool.get_cached_block(hashes[i])
+        for i in range(start, min((len(token_ids) - 1) // self.block_size, len(hashes))):
+            block = pool.get_cached_block(hashes[i])
             if block is None or block.content != self._content(token_ids, hashes, i, salt):
                 break
             hits.append(block)
@@ -243,7 +239,6 @@ class KVCacheManager:
         t.host = list(fresh)
         self.host_pool.touch(t.host)        # the transfer's own; the request keeps the host blocks below
         t.register = [(host[i], hashes[i], contents[i]) for i in missing if contents[i] is not None]
-        t.num_blocks_reused = len(reused)
         self.host_blocks[req_id] = host     # type: ignore[assignment]
         self.swap_out_blocks += len(missing)
         self.swap_out_reused_blocks += len(reused)
@@ -278,7 +273,6 @@ class KVCacheManager:
         t.host = host[k:]                    # the request's host references pass to the transfer
         t.device = list(blocks)
         self.pool.touch(t.device)            # pinned against an abort while the copy writes them
-        t.num_blocks_reused = k
         self.swap_in_blocks += len(host) - k
         return t
 
@@ -308,7 +302,6 @@ class KVCacheManager:
         t = KVTransfer(next(self._transfer_ids), req_id, to_host, to_segments(pairs, self.block_groups))
         self.transfers[t.transfer_id] = t
         self.swap_copies += len(t.segments)
-        self.swap_transfers += 1
         return t
 
     def complete(self, transfer_id: int) -> KVTransfer:

@@ -82,7 +82,6 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.running: list[Request] = []
         self.in_flight: dict[int, Request] = {}   # transfer id -> its SWAPPING_OUT / SWAPPING_IN request
-        self._num_swapping_in = 0
         self._finished_ids: list[str] = []
         self.num_preemptions = 0
         # Preempted this step -> the urgency each had (for tests and the invariant "no inversion").
@@ -181,7 +180,8 @@ class Scheduler:
 
     @property
     def _seats_taken(self) -> int:
-        return len(self.running) + self._num_swapping_in
+        """Running requests and those swapping in (they run once their copy lands)."""
+        return len(self.running) + sum(r.status is RequestStatus.SWAPPING_IN for r in self.in_flight.values())
 
     def _issue(self, st: _Step, t: KVTransfer, req: Request, overlap: bool) -> None:
         """Hand a transfer to this step's output: in flight (``overlap``) or completed now and copied before
@@ -189,8 +189,6 @@ class Scheduler:
         st.out.transfers.append(t)
         if overlap:
             self.in_flight[t.transfer_id] = req
-            if not t.to_host:
-                self._num_swapping_in += 1
         else:
             t.blocking = True
             self.kv.complete(t.transfer_id)
@@ -220,7 +218,6 @@ class Scheduler:
             else:
                 queue_later.append(req)
         else:
-            self._num_swapping_in -= 1
             req.status = RequestStatus.RUNNING
             self.running.append(req)
 
@@ -418,8 +415,6 @@ class Scheduler:
             for tid, r in list(self.in_flight.items()):
                 if r is req:
                     del self.in_flight[tid]
-            if req.status is RequestStatus.SWAPPING_IN:
-                self._num_swapping_in -= 1
         else:
             self.policy.remove(req)
 
@@ -449,8 +444,6 @@ class Scheduler:
             require(t is not None and t.request_id == req.request_id, f"transfer {tid} of {req.request_id} lost")
             want_status = RequestStatus.SWAPPING_OUT if t.to_host else RequestStatus.SWAPPING_IN
             require(req.status is want_status, f"{req.request_id} is {req.status.value} during a transfer")
-        require(self._num_swapping_in == sum(1 for r in self.in_flight.values()
-                                             if r.status is RequestStatus.SWAPPING_IN), "swapping-in count")
         for req in [*self.running, *self.policy.queued(), *self.in_flight.values()]:
             rid = req.request_id
             require(rid not in seen, f"request {rid} is both running and queued, or queued twice")
