@@ -97,7 +97,7 @@ def test_seeds_at_the_ends_of_the_range(llm):
 def _assert_no_state(engine, rid):
     assert rid not in engine.scheduler.requests
     assert rid not in engine.runner.states
-    assert rid not in engine._tracked
+    assert rid not in engine.outputs and rid not in engine.scheduler.requests
     assert not engine.has_unfinished_requests()
     assert engine.kv.num_used_blocks == 0
     engine.scheduler.check_invariants()

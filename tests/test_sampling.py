@@ -128,7 +128,7 @@ def test_detokenization_failure_aborts_only_that_request(llm, monkeypatch):
     def boom(ids):
         raise RuntimeError("cannot decode")
 
-    monkeypatch.setattr(engine._tracked[bad].detok, "add", boom)
+    monkeypatch.setattr(engine.outputs._tracked[bad].detok, "add", boom)
     done = {}
     while engine.has_unfinished_requests():
         for o in engine.step():

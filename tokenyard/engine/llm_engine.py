@@ -5,19 +5,19 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
 from tokenyard.config import EngineConfig
 from tokenyard.engine.kv_store import KVStore
 from tokenyard.engine.model_runner import ModelRunner
+from tokenyard.engine.output_processor import OutputProcessor, TokenEvent
 from tokenyard.engine.sampler import SAMPLE_FAILED
 from tokenyard.kv.manager import KVCacheManager
 from tokenyard.model.config import ModelConfig
 from tokenyard.model.loader import load_state_dict, read_hf_config, resolve_model
-from tokenyard.model.tokenizer import IncrementalDetokenizer, Tokenizer
-from tokenyard.outputs import RequestOutput, TokenLogprob
+from tokenyard.model.tokenizer import Tokenizer
+from tokenyard.outputs import RequestOutput
 from tokenyard.sampling_params import InvalidParameterError, SamplingParams
 from tokenyard.sched.request import Request, RequestStatus
 from tokenyard.sched.scheduler import Scheduler, SchedulerConfig
@@ -25,15 +25,6 @@ from tokenyard.sched.scheduler import Scheduler, SchedulerConfig
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class _Tracked:
-    req: Request
-    params: SamplingParams
-    detok: IncrementalDetokenizer
-    out: RequestOutput
-    max_stop_len: int
 
 
 def _device(name: str | None) -> torch.device:
@@ -96,7 +87,7 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
-        self._tracked: dict[str, _Tracked] = {}
+        self.outputs = OutputProcessor(self.tokenizer)   # detokenization and stop strings (see step_events)
         self._ids = itertools.count()
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
@@ -141,10 +132,13 @@ class LLMEngine:
         tenant: str = "default",
         arrival_time: float | None = None,
         cache_salt: str | None = None,
+        track_output: bool = True,
     ) -> str:
         """Validate and queue a request. Raises ValueError before any state changes.
 
-        ``cache_salt``: only requests with the same salt share prefix-cache blocks (a tenant's privacy)."""
+        ``cache_salt``: only requests with the same salt share prefix-cache blocks (a tenant's privacy).
+        ``track_output=False``: the caller turns this request's token events into text itself (the cluster
+        frontend does, see :meth:`step_events`); :meth:`step` returns no output for it."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidParameterError("sampling_params", "sampling_params must be a SamplingParams")
@@ -166,7 +160,7 @@ class LLMEngine:
                               f"model's context window is {self.max_model_len}: ask for at most "
                               f"{self.max_model_len - len(ids)} tokens")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if rid in self._tracked:
+        if rid in self.scheduler.requests or rid in self.outputs:
             raise InvalidParameterError("request_id", f"request_id {rid!r} is already in use")
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
@@ -183,12 +177,6 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             cache_salt=cache_salt,
         )
-        out = RequestOutput(request_id=rid, prompt_token_ids=ids, logprobs=[] if params.logprobs is not None else None)
-        out.metrics["arrival_time"] = req.arrival_time
-        tracked = _Tracked(
-            req, params, IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens), out,
-            max((len(s) for s in params.stop), default=0),
-        )
         # Everything that can fail runs before the scheduler owns the request; undo the runner's part if the
         # scheduler refuses (e.g. a request that can never fit the pool), so a failure leaves nothing behind.
         stop_for_min = ()
@@ -200,21 +188,15 @@ class LLMEngine:
         except BaseException:
             self.runner.remove_requests([rid])
             raise
-        self._tracked[rid] = tracked
+        if track_output:
+            self.outputs.add(rid, ids, params, req.arrival_time)
         self.num_prompt_tokens += len(ids)
         return rid
 
     def abort_request(self, request_ids: str | list[str]) -> list[RequestOutput]:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         self.scheduler.abort_requests(ids)
-        outs = []
-        for rid in ids:
-            t = self._tracked.pop(rid, None)
-            if t is not None:
-                t.out.finish_reason = "abort"
-                t.out.new_text, t.out.new_token_ids = "", []
-                outs.append(t.out)
-        return outs
+        return [o for o in map(self.outputs.abort, ids) if o is not None]
 
     def set_priority(self, request_id: str, priority: int) -> bool:
         """Change a live request's priority (lower is more urgent); it counts from the next step.
@@ -236,6 +218,27 @@ class LLMEngine:
         A failure that belongs to one request (its sampling, its detokenization) aborts that request alone:
         its output has finish_reason "abort" and ``error`` set. Failures of the forward pass itself propagate.
         """
+        outputs = []
+        now = time.monotonic()
+        for ev in self.step_events():
+            if ev.request_id not in self.outputs:
+                continue
+            try:
+                out, stopped_by_string = self.outputs.process(ev, now)
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                log.exception("request %s failed after sampling; aborting it", ev.request_id)
+                self.scheduler.abort_requests([ev.request_id])  # no-op if it already finished
+                out, stopped_by_string = self.outputs.abort(ev.request_id, f"detokenizing the output failed: {e!r}",
+                                                            now), False
+            if stopped_by_string:
+                self.scheduler.finish_requests([ev.request_id], RequestStatus.FINISHED_STOPPED)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def step_events(self) -> list[TokenEvent]:
+        """One scheduling decision, one forward pass; each request's news as token ids (no text). A request
+        whose sampling failed is aborted here and reported with ``error`` set."""
         out = self.scheduler.schedule()
         if self.config.check_invariants:
             self.scheduler.check_output(out)
@@ -247,81 +250,33 @@ class LLMEngine:
         # Overlapped KV transfers that landed meanwhile; with nothing to compute, wait for one rather than spin.
         landed = self.runner.poll_transfers(block=not out.chunks and self.scheduler.has_transfers_in_flight())
         self.num_steps += 1
-        outputs = []
+        events = []
         failed = {rid: self._sample_error(rid) for rid, (tok, _) in results.items() if tok == SAMPLE_FAILED}
         if failed:
             # Abort them before update_from_output, which then skips them: no bogus token is appended.
             for rid, err in failed.items():
                 log.error("request %s: %s; aborting it", rid, err)
             self.scheduler.abort_requests(list(failed))
-            outputs.extend(self._fail(rid, err) for rid, err in failed.items())
+            events.extend(TokenEvent(rid, -1, finish_reason="abort", error=err) for rid, err in failed.items())
         touched = self.scheduler.update_from_output(
             out, {rid: tok for rid, (tok, _) in results.items() if rid not in failed}, landed
         )
-        now = time.monotonic()
         for req in touched:
-            try:
-                outputs.append(self._process(req, *results[req.request_id], now))
-            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
-                log.exception("request %s failed after sampling; aborting it", req.request_id)
-                self.scheduler.abort_requests([req.request_id])  # no-op if it already finished
-                outputs.append(self._fail(req.request_id, f"detokenizing the output failed: {e!r}"))
+            tok, lp = results[req.request_id]
+            status = req.status
+            events.append(TokenEvent(
+                req.request_id, tok, lp, status.value if status.finished else None,
+                hide=status is RequestStatus.FINISHED_STOPPED and tok in req.stop_token_ids,
+                num_cached_tokens=req.num_cached_tokens,
+            ))
+        self.num_generated_tokens += len(touched)
         if self.config.check_invariants:
             self.scheduler.check_invariants()
-        return outputs
-
-    def _process(self, req: Request, tok: int, lp: TokenLogprob | None, now: float) -> RequestOutput:
-        """Detokenize a request's new token, apply stop strings and update its output."""
-        t = self._tracked[req.request_id]
-        o = t.out
-        self.num_generated_tokens += 1
-        # What can fail (detokenization) runs first, so a failure leaves the output as it was.
-        status = req.status
-        hide = status is RequestStatus.FINISHED_STOPPED and tok in req.stop_token_ids
-        delta = "" if hide else t.detok.add([tok])
-        if t.params.stop and delta and req.num_output_tokens >= t.params.min_tokens:   # vLLM: none before
-            cut = self._find_stop(t, delta)
-            if cut is not None:
-                delta = delta[: max(cut - (len(t.detok.text) - len(delta)), 0)]
-                t.detok.text = t.detok.text[:cut]
-                if not status.finished:
-                    self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
-                    status = RequestStatus.FINISHED_STOPPED
-        if "first_token_time" not in o.metrics:
-            o.metrics["first_token_time"] = now
-            o.num_cached_tokens = max(req.num_cached_tokens, 0)
-        o.token_ids.append(tok)
-        o.new_token_ids = [tok]
-        if o.logprobs is not None and lp is not None:
-            o.logprobs.append(lp)
-        o.text = t.detok.text
-        o.new_text = delta
-        if status.finished:
-            o.finish_reason = status.value
-            o.metrics["finished_time"] = now
-            del self._tracked[req.request_id]
-        return o
+        return events
 
     def _sample_error(self, rid: str) -> str:
         state = self.runner.states.get(rid)
         return (state.error if state is not None else None) or "sampling failed"
-
-    def _fail(self, rid: str, error: str) -> RequestOutput:
-        """Finish a request the engine had to abort; the scheduler must already have let go of it."""
-        t = self._tracked.pop(rid)
-        o = t.out
-        o.finish_reason = RequestStatus.FINISHED_ABORTED.value
-        o.error = error
-        o.new_text, o.new_token_ids = "", []
-        o.metrics["finished_time"] = time.monotonic()
-        return o
-
-    @staticmethod
-    def _find_stop(t: _Tracked, delta: str) -> int | None:
-        text = t.detok.text
-        start = max(len(text) - len(delta) - t.max_stop_len + 1, 0)
-        hits = [i for i in (text.find(s, start) for s in t.params.stop) if i >= 0]
-        return min(hits) if hits else None
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> dict[str, float]:

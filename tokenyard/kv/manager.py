@@ -83,6 +83,8 @@ class KVCacheManager:
         self.req_blocks: dict[str, list[Block]] = {}
         self.host_blocks: dict[str, list[Block]] = {}
         self.transfers: dict[int, KVTransfer] = {}
+        # Live migration in: device blocks reserved for a request another instance is sending (by migration id).
+        self.reservations: dict[str, list[Block]] = {}
         self._transfer_ids = itertools.count()
         self._hashes: dict[str, list[BlockHash]] = {}
         self._num_cached: dict[str, int] = {}
@@ -200,6 +202,36 @@ class KVCacheManager:
         self._num_cached.pop(req_id, None)
         if forget_hashes:
             self._hashes.pop(req_id, None)
+
+    # ----------------------------------------------------------------- live migration (between instances)
+    def reserve(self, key: str, num_blocks: int) -> list[int] | None:
+        """Hold ``num_blocks`` device blocks (preferably one run) for a request migrating in; None if they are not
+        free. Calling it again for the same key grows the reservation."""
+        held = self.reservations.get(key, [])
+        if num_blocks > self.pool.num_free_blocks:
+            return None
+        held.extend(self.pool.allocate(num_blocks, self._after(held)))
+        self.reservations[key] = held
+        return [b.block_id for b in held]
+
+    def release_reservation(self, key: str) -> None:
+        """The migration was aborted: its reserved blocks go back to the pool."""
+        blocks = self.reservations.pop(key, None)
+        if blocks:
+            self.pool.free(blocks[::-1])
+
+    def adopt(self, key: str, req_id: str, token_ids: list[int], num_computed: int,
+              salt: str | None = None) -> None:
+        """The migration committed: the request owns the first reserved blocks its KV fills (the rest go back),
+        and its full blocks enter this instance's prefix cache."""
+        blocks = self.reservations.pop(key)
+        keep = cdiv(num_computed, self.block_size)
+        require(len(blocks) >= keep and req_id not in self.req_blocks,
+                f"adopting {req_id}: {len(blocks)} reserved blocks for {keep}, or it holds blocks already")
+        if len(blocks) > keep:
+            self.pool.free(blocks[keep:][::-1])
+        self.req_blocks[req_id] = blocks[:keep]
+        self.cache_full_blocks(req_id, token_ids, num_computed, salt)
 
     # ----------------------------------------------------------------- transfers between the tiers
     def can_swap_out(self, req_id: str) -> bool:
@@ -341,6 +373,9 @@ class KVCacheManager:
             for i in ids:
                 owned[i] += 1
             require(req_id not in self.host_blocks, f"request {req_id} holds device and host blocks")
+        for blocks in self.reservations.values():
+            for b in blocks:
+                owned[b.block_id] += 1
         for req_id, blocks in self.host_blocks.items():
             ids = [b.block_id for b in blocks]
             require(len(ids) == len(set(ids)), f"request {req_id} holds a host block twice: {ids}")

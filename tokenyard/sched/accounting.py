@@ -121,5 +121,9 @@ class ServiceLedger:
         if self.counter[tenant] < floor:
             self.counter[tenant] = floor
 
+    def adopt(self, req: Request) -> None:
+        """A request migrated in from another instance, which charged its prompt: not charged for it again."""
+        self._prompt_charged[req.request_id] = req.num_prompt_tokens
+
     def forget(self, req: Request) -> None:
         self._prompt_charged.pop(req.request_id, None)

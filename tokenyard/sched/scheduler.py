@@ -82,6 +82,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.running: list[Request] = []
         self.in_flight: dict[int, Request] = {}   # transfer id -> its SWAPPING_OUT / SWAPPING_IN request
+        # Running requests frozen for a live migration's last stage: they keep their blocks, are not scheduled.
+        self.detached: dict[str, Request] = {}
         self._finished_ids: list[str] = []
         self.num_preemptions = 0
         # Preempted this step -> the urgency each had (for tests and the invariant "no inversion").
@@ -137,7 +139,49 @@ class Scheduler:
         return self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        """Requests to schedule (a request frozen for migration is not one: nothing runs it here)."""
+        return len(self.requests) > len(self.detached)
+
+    # ----------------------------------------------------------------- live migration
+    def detach(self, request_id: str) -> Request | None:
+        """Freeze a running request for a migration's last stage (call between steps): it keeps its blocks and
+        its place in ``requests`` but is not scheduled until :meth:`reattach` or :meth:`release`. None if it is
+        not running (finished, queued, preempted meanwhile)."""
+        req = self.requests.get(request_id)
+        if req is None or req.status is not RequestStatus.RUNNING or request_id in self.detached:
+            return None
+        self.running.remove(req)
+        self.detached[request_id] = req
+        return req
+
+    def reattach(self, request_id: str) -> bool:
+        """The migration failed: the frozen request runs here again. False if it was aborted meanwhile."""
+        req = self.detached.pop(request_id, None)
+        if req is None:
+            return False
+        self.running.append(req)
+        return True
+
+    def release(self, request_id: str) -> bool:
+        """The migration committed: forget the frozen request and free its blocks (no output: it lives on)."""
+        req = self.detached.pop(request_id, None)
+        if req is None:
+            return False
+        self._finish(req, RequestStatus.FINISHED_ABORTED)
+        return True
+
+    def adopt(self, req: Request, reservation: str) -> bool:
+        """A request migrated in, its KV already written into ``reservation``'s blocks: it runs from the next
+        step. False (and no change) when every seat is taken or its id is live here."""
+        if self._seats_taken >= self.config.max_num_seqs or req.request_id in self.requests:
+            return False
+        self.kv.adopt(reservation, req.request_id, req.all_token_ids, req.num_computed_tokens, req.cache_salt)
+        self.requests[req.request_id] = req
+        req.status = RequestStatus.RUNNING
+        self.policy.register(req)
+        self.ledger.adopt(req)
+        self.running.append(req)
+        return True
 
     def has_transfers_in_flight(self) -> bool:
         return bool(self.kv.transfers)
@@ -408,6 +452,8 @@ class Scheduler:
                 self._landed(self.in_flight.pop(tid, None), self.kv.complete(tid))
 
     def _remove_from_queue(self, req: Request) -> None:
+        if self.detached.pop(req.request_id, None) is not None:
+            return
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
         elif req.status in (RequestStatus.SWAPPING_OUT, RequestStatus.SWAPPING_IN):
@@ -444,7 +490,7 @@ class Scheduler:
             require(t is not None and t.request_id == req.request_id, f"transfer {tid} of {req.request_id} lost")
             want_status = RequestStatus.SWAPPING_OUT if t.to_host else RequestStatus.SWAPPING_IN
             require(req.status is want_status, f"{req.request_id} is {req.status.value} during a transfer")
-        for req in [*self.running, *self.policy.queued(), *self.in_flight.values()]:
+        for req in [*self.running, *self.policy.queued(), *self.in_flight.values(), *self.detached.values()]:
             rid = req.request_id
             require(rid not in seen, f"request {rid} is both running and queued, or queued twice")
             seen.add(rid)
@@ -454,7 +500,7 @@ class Scheduler:
             if req.status is RequestStatus.WAITING:
                 require(dev == host == 0 and req.num_computed_tokens == 0, f"waiting {rid} holds KV")
             elif req.status is RequestStatus.RUNNING:
-                require(rid in running_ids, f"request {rid} is RUNNING but queued")
+                require(rid in running_ids or rid in self.detached, f"request {rid} is RUNNING but queued")
                 require(dev == want and host == 0, f"running {rid}: {dev} blocks, {want} expected")
             elif req.status in (RequestStatus.SWAPPED, RequestStatus.SWAPPING_OUT):
                 require(host == want and dev == 0, f"swapped {rid}: {host} host blocks, {want} expected")
@@ -468,6 +514,8 @@ class Scheduler:
         owners = set(self.kv.req_blocks) | set(self.kv.host_blocks)
         require(owners <= seen, f"finished requests still hold blocks: {owners - seen}")
         require(self._seats_taken <= self.config.max_num_seqs, "more running requests than max_num_seqs")
+        for rid, req in self.detached.items():
+            require(req.status is RequestStatus.RUNNING and rid not in running_ids, f"detached {rid} is scheduled")
 
     def check_output(self, out: SchedulerOutput) -> None:
         """Check one step's decision: within the token budget, no request twice, every chunk backed by blocks."""
