@@ -26,14 +26,14 @@ def _tiny_tokenizer(path: Path) -> None:
     fast.save_pretrained(str(path))
 
 
-def make_tiny_model(path: Path, kind: str, seed: int = 0) -> Path:
+def make_tiny_model(path: Path, kind: str, seed: int = 0, max_positions: int = 256) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     common = dict(
         vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
         initializer_range=0.2, bos_token_id=1, eos_token_id=2, rope_theta=10000.0,
     )
     if kind == "llama":

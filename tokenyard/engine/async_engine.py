@@ -47,6 +47,23 @@ class _Stream:
     sent_logprobs: int = 0
     started: bool = False        # produced its first token (no longer counts against max_waiting)
 
+    def delta(self, o: RequestOutput) -> RequestOutput:
+        """What is new in ``o`` (a request's reused, growing output) since the last delta."""
+        # Hold back text that may turn out to be the start of a stop string; the engine cuts its text at a
+        # stop, so what has been sent is always a prefix of the final text.
+        upto = len(o.text) if o.finished else max(len(o.text) - self.stop_holdback, self.sent_chars)
+        text = o.text[self.sent_chars:upto]
+        self.sent_chars = upto
+        lps = None
+        if o.logprobs is not None:
+            lps = o.logprobs[self.sent_logprobs:]
+            self.sent_logprobs = len(o.logprobs)
+        return RequestOutput(
+            request_id=o.request_id, prompt_token_ids=o.prompt_token_ids, token_ids=list(o.new_token_ids),
+            text=text, finish_reason=o.finish_reason, logprobs=lps, num_cached_tokens=o.num_cached_tokens,
+            new_text=text, new_token_ids=list(o.new_token_ids), metrics=dict(o.metrics), error=o.error,
+        )
+
     def push(self, item: RequestOutput | BaseException) -> None:
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -373,20 +390,7 @@ class AsyncEngine:
     def _deliver(self, o: RequestOutput) -> None:
         """Turn the engine's (reused, growing) output into a delta and hand it to the request's queue."""
         s = self._streams[o.request_id]
-        # Hold back text that may turn out to be the start of a stop string; the engine cuts its text at a
-        # stop, so what has been sent is always a prefix of the final text.
-        upto = len(o.text) if o.finished else max(len(o.text) - s.stop_holdback, s.sent_chars)
-        text = o.text[s.sent_chars:upto]
-        s.sent_chars = upto
-        lps = None
-        if o.logprobs is not None:
-            lps = o.logprobs[s.sent_logprobs:]
-            s.sent_logprobs = len(o.logprobs)
-        delta = RequestOutput(
-            request_id=o.request_id, prompt_token_ids=o.prompt_token_ids, token_ids=list(o.new_token_ids),
-            text=text, finish_reason=o.finish_reason, logprobs=lps, num_cached_tokens=o.num_cached_tokens,
-            new_text=text, new_token_ids=list(o.new_token_ids), metrics=dict(o.metrics), error=o.error,
-        )
+        delta = s.delta(o)
         if not s.started and (o.new_token_ids or o.finished):
             s.started = True
             with self._cv:

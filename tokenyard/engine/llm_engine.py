@@ -43,6 +43,34 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
+def tokenize_prompt(tokenizer: Tokenizer, prompt: str | list[int], vocab_size: int, max_model_len: int) -> list[int]:
+    """Prompt text or token ids -> validated token ids (ValueError naming `prompt` otherwise)."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidParameterError("prompt", "prompt must not be empty")
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, (list, tuple)):
+        ids = list(prompt)
+        if any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
+            raise InvalidParameterError("prompt", "prompt token ids must be integers")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidParameterError(
+                "prompt", f"prompt token id {bad[0]} outside the vocabulary [0, {vocab_size})"
+            )
+    else:
+        raise InvalidParameterError("prompt", f"prompt must be a string or a list of token ids, got {type(prompt)}")
+    if not ids:
+        raise InvalidParameterError("prompt", "prompt must not be empty")
+    if len(ids) >= max_model_len:
+        raise InvalidParameterError(
+            "prompt",
+            f"prompt has {len(ids)} tokens but the model's context window is {max_model_len} "
+            f"(at least one token must be left to generate)",
+        )
+    return ids
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
@@ -97,30 +125,7 @@ class LLMEngine:
     # ------------------------------------------------------------------ requests
     def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
         """Prompt text or token ids -> validated token ids (ValueError naming `prompt` otherwise)."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidParameterError("prompt", "prompt must not be empty")
-            ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)):
-            ids = list(prompt)
-            if any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
-                raise InvalidParameterError("prompt", "prompt token ids must be integers")
-            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
-            if bad:
-                raise InvalidParameterError(
-                    "prompt", f"prompt token id {bad[0]} outside the vocabulary [0, {self.model_config.vocab_size})"
-                )
-        else:
-            raise InvalidParameterError("prompt", f"prompt must be a string or a list of token ids, got {type(prompt)}")
-        if not ids:
-            raise InvalidParameterError("prompt", "prompt must not be empty")
-        if len(ids) >= self.max_model_len:
-            raise InvalidParameterError(
-                "prompt",
-                f"prompt has {len(ids)} tokens but the model's context window is {self.max_model_len} "
-                f"(at least one token must be left to generate)",
-            )
-        return ids
+        return tokenize_prompt(self.tokenizer, prompt, self.model_config.vocab_size, self.max_model_len)
 
     def add_request(
         self,
@@ -267,7 +272,7 @@ class LLMEngine:
             events.append(TokenEvent(
                 req.request_id, tok, lp, status.value if status.finished else None,
                 hide=status is RequestStatus.FINISHED_STOPPED and tok in req.stop_token_ids,
-                num_cached_tokens=req.num_cached_tokens,
+                num_cached_tokens=req.num_cached_tokens, position=req.num_output_tokens - 1,
             ))
         self.num_generated_tokens += len(touched)
         if self.config.check_invariants:

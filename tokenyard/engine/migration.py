@@ -79,7 +79,7 @@ class MigrationEndpoint:
         return t.numpy()
 
     def _write(self, block_ids: list[int], data: np.ndarray) -> None:
-        t = torch.from_numpy(np.ascontiguousarray(data))
+        t = torch.from_numpy(np.require(data, requirements=["C", "W"]))   # Ray hands read-only arrays
         if self.store.kv.dtype == torch.bfloat16:
             t = t.view(torch.bfloat16)
         if tuple(t.shape[1:]) != tuple(self.store.kv.shape[1:]) or t.dtype != self.store.kv.dtype:

@@ -28,6 +28,8 @@ class TokenEvent:
     hide: bool = False
     num_cached_tokens: int = 0
     error: str | None = None             # the engine aborted the request (``token_id`` is -1, no token)
+    position: int = 0                    # output tokens the request had before this one (orders a stream
+                                         # whose events come from two instances around a migration)
 
 
 @dataclass

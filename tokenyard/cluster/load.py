@@ -1,0 +1,66 @@
+"""What the global scheduler knows of each instance, and Llumnix's *freeness* of it. Pure Python.
+
+Llumnix (OSDI'24) judges instances by *virtual usage*: the blocks in use, plus blocks that are not used yet but
+should count as if they were --
+
+- the blocks the head of the instance's queue needs (a queue that cannot start makes the instance look full,
+  so migration moves requests off it: de-fragmentation);
+- headroom for urgent requests (an instance running one looks fuller, so new work and migrated requests go
+  elsewhere and the urgent request keeps room to grow);
+- requests dispatched to it that its last report does not show yet;
+- infinity for an instance being drained (nothing is sent to it; everything leaves it).
+
+*Freeness* is ``(total blocks - virtual usage) / running requests``: how many more blocks each running request
+may still take. Dispatch sends to the freest instance; migration moves from the least free to the freest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestLoad:
+    """A running request as migration policy sees it."""
+
+    request_id: str
+    num_blocks: int
+    priority: int
+    num_tokens: int
+
+
+@dataclass
+class InstanceLoad:
+    instance_id: str
+    num_blocks: int
+    block_size: int
+    used_blocks: int = 0
+    num_running: int = 0
+    num_waiting: int = 0               # queued (waiting or swapped out)
+    head_demand_blocks: int = 0        # blocks the head of its queue needs to start (0: nothing queued)
+    urgent_running: int = 0            # running requests more urgent than the default priority
+    running: list[RequestLoad] = field(default_factory=list)
+    # Kept by the frontend, not reported: dispatched since the report it last saw, and draining for scale-in.
+    pending_requests: int = 0
+    pending_blocks: int = 0
+    draining: bool = False
+
+    @property
+    def num_requests(self) -> int:
+        return self.num_running + self.num_waiting + self.pending_requests
+
+
+def virtual_usage(load: InstanceLoad, priority_headroom: int = 0) -> float:
+    if load.draining:
+        return math.inf
+    return (load.used_blocks + load.head_demand_blocks + load.pending_blocks
+            + priority_headroom * load.urgent_running)
+
+
+def freeness(load: InstanceLoad, priority_headroom: int = 0) -> float:
+    """Free blocks per running request after virtual usage; -inf for an instance being drained."""
+    usage = virtual_usage(load, priority_headroom)
+    if math.isinf(usage):
+        return -math.inf
+    return (load.num_blocks - usage) / max(load.num_running + load.pending_requests, 1)
