@@ -65,8 +65,6 @@ def _seconds_since_process_start() -> float:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from tokenyard.engine.async_engine import AsyncEngine
-    from tokenyard.engine.llm_engine import LLMEngine
     from tokenyard.server.app import ServerSettings, create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -76,14 +74,13 @@ def _serve(args: argparse.Namespace) -> int:
         args.model = args.model_path
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise ValueError("--served-model-name must not be empty")
-    engine = LLMEngine(engine_config(args))
     failed: list[BaseException] = []
 
     def engine_failed(e: BaseException) -> None:  # from the engine's loop thread
         failed.append(e)
         server.should_exit = True
 
-    async_engine = AsyncEngine(engine, max_waiting=args.max_waiting, on_failure=engine_failed)
+    async_engine, load_time_s = _make_engine(args, engine_failed)
     if args.served_model_name:
         async_engine.model_name = args.served_model_name
     settings = ServerSettings(api_key=args.api_key or os.environ.get("TOKENYARD_API_KEY"),
@@ -100,7 +97,7 @@ def _serve(args: argparse.Namespace) -> int:
             await super().startup(sockets)
             if not self.should_exit:
                 print(f"tokenyard: serving {async_engine.model_name} on http://{args.host}:{args.port} "
-                      f"(ready in {_seconds_since_process_start():.1f} s; model load {engine.load_time_s:.1f} s)",
+                      f"(ready in {_seconds_since_process_start():.1f} s; model load {load_time_s:.1f} s)",
                       flush=True)
 
         def handle_exit(self, sig: int, frame) -> None:
@@ -160,6 +157,57 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_engine(args: argparse.Namespace, on_failure):
+    """The engine the server runs on: one in this process, or a cluster of Ray actors (``--instances N`` or
+    ``--ray-address``). Returns it and the model load time."""
+    config = engine_config(args)
+    if args.instances == 1 and args.ray_address is None:
+        from tokenyard.engine.async_engine import AsyncEngine
+        from tokenyard.engine.llm_engine import LLMEngine
+
+        engine = LLMEngine(config)
+        return AsyncEngine(engine, max_waiting=args.max_waiting, on_failure=on_failure), engine.load_time_s
+    from tokenyard.cluster.rebalance import AutoScaler
+    from tokenyard.cluster.runtime.frontend import ClusterConfig, ClusterEngine
+
+    autoscale = None
+    if args.autoscale is not None:
+        lo, _, hi = args.autoscale.partition(":")
+        try:
+            autoscale = AutoScaler(min_instances=int(lo), max_instances=int(hi or lo))
+        except ValueError as e:
+            raise ValueError(f"--autoscale: expected MIN:MAX instances, got {args.autoscale!r} ({e})") from None
+    cluster = ClusterConfig(num_instances=args.instances, dispatch=args.dispatch, migration=args.migration,
+                            priority_headroom=args.priority_headroom, autoscale=autoscale,
+                            ray_address=args.ray_address, instance_threads=args.instance_threads)
+    where = f"the Ray cluster at {args.ray_address}" if args.ray_address else "a local Ray"
+    print(f"tokenyard: starting {args.instances} instances on {where} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    engine = ClusterEngine(config, cluster, max_waiting=args.max_waiting, on_failure=on_failure)
+    engine.start()
+    return engine, time.perf_counter() - t0
+
+
+def add_cluster_args(parser: argparse.ArgumentParser) -> None:
+    from tokenyard.cluster.dispatch import DISPATCH_POLICIES
+
+    g = parser.add_argument_group("cluster (many instances behind this endpoint, on Ray)")
+    g.add_argument("--instances", type=int, default=1,
+                   help="engine instances, each a Ray actor in its own process (1: no Ray, one engine here)")
+    g.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster ('auto': the one `ray start` runs here) instead of starting one")
+    g.add_argument("--dispatch", default="freeness", choices=sorted(DISPATCH_POLICIES),
+                   help="where a new request goes")
+    g.add_argument("--migration", action=argparse.BooleanOptionalAction, default=True,
+                   help="live-migrate running requests from the least free instances to the freest (Llumnix)")
+    g.add_argument("--instance-threads", type=int, default=None,
+                   help="torch threads per instance (default: this machine's cores split between instances)")
+    g.add_argument("--priority-headroom", type=int, default=0,
+                   help="KV blocks of headroom kept per running request more urgent than priority 0")
+    g.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                   help="start and drain instances to keep the average freeness in a band, between MIN and MAX")
+
+
 # --------------------------------------------------------------------------- one-off answers
 def _one_off(args: argparse.Namespace) -> int:
     from tokenyard.engine.llm_engine import LLMEngine
@@ -216,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
     add_engine_args(serve)
+    add_cluster_args(serve)
     serve.set_defaults(func=_serve)
 
     for name, what in (("generate", "complete a prompt"), ("chat", "answer one chat message")):

@@ -99,9 +99,11 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if engine.is_running:
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "unavailable"}, status_code=503)
+        body: dict = {"status": "ok" if engine.is_running else "unavailable"}
+        instances = getattr(engine, "instances", None)
+        if instances is not None:   # a cluster: each instance's state and load
+            body["instances"] = instances()
+        return JSONResponse(body, status_code=200 if engine.is_running else 503)
 
     @app.get("/metrics", response_class=Response,
              responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},

@@ -40,6 +40,15 @@ _COUNTERS = {
     "generated_tokens": ("tokenyard_generation_tokens", "Tokens generated."),
 }
 
+# Only for a cluster (``tokenyard serve --instances N``).
+_CLUSTER_GAUGES = {"num_instances": ("tokenyard_num_instances", "Engine instances up (running or draining).")}
+_CLUSTER_COUNTERS = {
+    "migrations": ("tokenyard_migrations", "Running requests live-migrated to another instance."),
+    "migrations_aborted": ("tokenyard_migrations_aborted", "Live migrations given up (the request stayed)."),
+    "resumed_after_failure": ("tokenyard_requests_resumed_after_failure",
+                              "Requests resumed on another instance after theirs was lost."),
+}
+
 
 class _EngineCollector(Collector):
     """Reads the engine's own cumulative counts at scrape time, so they are never double kept."""
@@ -55,6 +64,11 @@ class _EngineCollector(Collector):
                                 "(bounded by --max-waiting).", value=s.get("num_pending", 0))
         for key, (name, doc) in _COUNTERS.items():
             yield CounterMetricFamily(name, doc, value=s.get(key, 0))
+        if "num_instances" in s:
+            for key, (name, doc) in _CLUSTER_GAUGES.items():
+                yield GaugeMetricFamily(name, doc, value=s[key])
+            for key, (name, doc) in _CLUSTER_COUNTERS.items():
+                yield CounterMetricFamily(name, doc, value=s.get(key, 0))
 
 
 class TenantLabels:

@@ -374,6 +374,14 @@ class ClusterEngine:
             return out
 
     @property
+    def kv_capacity_tokens(self) -> int:
+        """The most KV one request may hold: the smallest instance's pool (a request runs on one instance)."""
+        with self._lock:
+            sizes = [i.info["num_blocks"] * i.info["block_size"] for i in self._instances.values()
+                     if i.state in _ALIVE and "num_blocks" in i.info]
+        return min(sizes, default=0)
+
+    @property
     def num_inflight(self) -> int:
         with self._lock:
             return len(self._reqs)
@@ -525,6 +533,10 @@ class ClusterEngine:
             ray.kill(inst.actor)
         except Exception:  # noqa: BLE001 - already gone
             pass
+        with self._lock:
+            left = any(i.state in _ALIVE for i in self._instances.values()) or self._starting
+        if not left and self.on_failure is not None:   # nothing can serve: the server exits non-zero
+            self.on_failure(RuntimeError(f"every instance is lost (the last: {why})"))
 
     def _resume_locked(self, r: _Req) -> None:
         out = self._outputs.output(r.request_id)
