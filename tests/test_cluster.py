@@ -243,3 +243,36 @@ def test_server_with_instances_answers_the_openai_client(model_dir, tmp_path):
     finally:
         assert srv.stop() == 0
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+
+
+def test_autoscaler_starts_an_instance_under_pressure_and_drains_one_when_idle(model_dir):
+    from tokenyard.cluster.rebalance import AutoScaler
+
+    # A band no load is inside: always "too tight" -> scale out to the maximum.
+    eng = _cluster(model_dir, 1, autoscale=AutoScaler(low=1e9, high=2e9, min_instances=1, max_instances=2,
+                                                     patience=1))
+    try:
+        deadline = time.monotonic() + 120
+        while eng.stats()["num_instances"] < 2:
+            assert time.monotonic() < deadline, eng.instances()
+            time.sleep(0.1)
+        assert len(eng.instance_start_s) == 2 and all(s > 0 for s in eng.instance_start_s)
+        prompts = _prompts(4, seed=8)
+        tokens, _ = asyncio.run(_run(eng, prompts, _greedy(16)))
+        assert all(t == hf_greedy(model_dir, p, 16) for p, t in zip(prompts, tokens))
+    finally:
+        eng.close()
+    # Always "too idle" -> drain down to the minimum, by migration, losing nothing.
+    eng = _cluster(model_dir, 2, autoscale=AutoScaler(low=-2e9, high=-1e9, min_instances=1, max_instances=2,
+                                                     patience=1))
+    try:
+        prompts = _prompts(3, seed=9)
+        tokens, _ = asyncio.run(_run(eng, prompts, _greedy(300)))
+        assert all(t == hf_greedy(model_dir, p, 300) for p, t in zip(prompts, tokens))
+        deadline = time.monotonic() + 60
+        while sorted(i["state"] for i in eng.instances()) != ["running", "stopped"]:
+            assert time.monotonic() < deadline, eng.instances()
+            time.sleep(0.1)
+        _idle_and_clean(eng)
+    finally:
+        eng.close()

@@ -76,12 +76,16 @@ def test_migration_at_any_point_of_a_decode_is_exact(tiny_llama_dir, at_step):
     src, dst = MigrationEndpoint(a), MigrationEndpoint(b)
     committed = 0
     for rid in moved:
-        res = migrate(src, dst, rid, f"m-{rid}", num_blocks=2, between_stages=step_source)
+        # Steps 1 and 3: one block per stage (the bulk goes in many stages while the source keeps decoding).
+        res = migrate(src, dst, rid, f"m-{rid}", num_blocks=2, between_stages=step_source,
+                      stage_bytes=1 if at_step in (1, 3) else 16 << 20)
         if not res.committed:   # it finished on the source while its blocks were being copied
             assert "stopped running" in res.reason and rid not in a.scheduler.requests, res.reason
             continue
         committed += 1
         assert res.phases[-2:] == ["committed", "released"] and res.stages >= 2
+        if at_step in (1, 3):
+            assert res.stages > res.blocks_staged >= 2, "one block per stage"
         assert rid in b.scheduler.requests and rid not in a.scheduler.requests
     assert committed
     _drain([a, b], tokens)

@@ -21,7 +21,7 @@ class Endpoint(Protocol):
     """One engine's side of the migration protocol (see ``tokenyard.engine.migration.MigrationEndpoint``)."""
 
     def reserve(self, key: str, num_blocks: int) -> bool: ...
-    def read_blocks(self, request_id: str, start: int) -> tuple[Any, Any]: ...
+    def read_blocks(self, request_id: str, start: int, max_bytes: int | None) -> tuple[Any, Any]: ...
     def write(self, key: str, start: int, data: Any) -> bool: ...
     def freeze(self, request_id: str, start: int, num_preemptions: int | None) -> tuple[Any, Any]: ...
     def commit(self, key: str, snapshot: Any, start: int, data: Any) -> bool: ...
@@ -48,13 +48,15 @@ class _Abort(Exception):
 
 
 def migrate(src: Endpoint, dst: Endpoint, request_id: str, key: str, num_blocks: int, *,
-            max_stages: int = 3, check: Callable[[str], bool] | None = None,
+            max_stages: int = 3, stage_bytes: int | None = 16 << 20, check: Callable[[str], bool] | None = None,
             between_stages: Callable[[], None] | None = None) -> MigrationResult:
     """Move ``request_id`` from ``src`` to ``dst``, reserving ``num_blocks`` there first.
 
-    Stages copy the blocks that filled since the previous stage, until a stage finds none new or
-    ``max_stages`` ran; then the request is frozen and the rest (the partial last block) goes with its snapshot.
-    ``check(phase)`` is asked before each phase ("stage", "freeze", "commit"); False aborts there.
+    Stages copy the full blocks the destination lacks, at most ``stage_bytes`` each (a stage holds up the
+    source's decoding while it reads: large KV goes in several), until the destination has caught up and a stage
+    finds nothing new, or ``max_stages`` stages ran past the bulk; then the request is frozen and the rest (the
+    partial last block, what filled meanwhile) goes with its snapshot. ``max_stages=0``: no stages, a blocking
+    copy. ``check(phase)`` is asked before each phase ("stage", "freeze", "commit"); False aborts there.
     ``between_stages`` runs after each stage (tests step the source engine there)."""
     t0 = time.perf_counter()
     res = MigrationResult(request_id, committed=False)
@@ -67,24 +69,27 @@ def migrate(src: Endpoint, dst: Endpoint, request_id: str, key: str, num_blocks:
     frozen = False
     try:
         start, preemptions = 0, None
-        for _ in range(max_stages):
+        extra = 0   # stages after the destination first caught up
+        while extra < max_stages:
             _check(check, "stage", res)
-            info, data = src.read_blocks(request_id, start)
+            info, data = src.read_blocks(request_id, start, stage_bytes)
             if info is None:
                 raise _Abort("the request stopped running on the source")
             if preemptions is not None and info.num_preemptions != preemptions:
                 raise _Abort("the request was preempted on the source during the migration")
-            if info.full > start and not dst.write(key, start, data):
+            if info.end > start and not dst.write(key, start, data):
                 raise _Abort("the destination could not take the blocks")
             res.stages += 1
-            res.blocks_staged += info.full - start
-            new = info.full - start
-            start, preemptions = info.full, info.num_preemptions
+            new = info.end - start
+            res.blocks_staged += new
+            start, preemptions = info.end, info.num_preemptions
             res.phases.append("stage")
             if between_stages is not None:
                 between_stages()
-            if new == 0 and res.stages > 1:
-                break
+            if start >= info.full:   # caught up with what was full when read
+                extra += 1
+                if new == 0:
+                    break
         _check(check, "freeze", res)
         t_freeze = time.perf_counter()
         head, data = src.freeze(request_id, start, preemptions)

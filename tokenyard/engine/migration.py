@@ -29,11 +29,13 @@ from tokenyard.sched.request import Request, RequestStatus
 
 @dataclass
 class StageInfo:
-    """Where a request migrating out stands: blocks ``[0, full)`` are full (immutable), ``total`` hold KV."""
+    """Where a request migrating out stands: blocks ``[0, full)`` are full (immutable), ``total`` hold KV; a stage
+    read blocks up to ``end``."""
 
     full: int
     total: int
     num_preemptions: int   # changes when a preemption threw its KV away (what was sent is stale)
+    end: int = 0           # the blocks read go up to here (at most ``full``)
 
 
 @dataclass
@@ -89,16 +91,22 @@ class MigrationEndpoint:
         self.store.kv.index_copy_(0, idx, t.to(self.store.kv.device))
 
     # ----------------------------------------------------------------- source side
-    def read_blocks(self, request_id: str, start: int) -> tuple[StageInfo | None, np.ndarray]:
-        """KV of the running request's full computed blocks from block ``start`` on, ``kv[start:end]``, and where
-        it stands. Info None if it is not running here (finished, aborted, queued again: the migration stops).
-        Two values, so a caller can forward the KV without looking at it."""
+    def read_blocks(self, request_id: str, start: int,
+                    max_bytes: int | None = None) -> tuple[StageInfo | None, np.ndarray]:
+        """KV of the running request's full computed blocks from block ``start`` on, at most ``max_bytes`` of them
+        (at least one block): ``kv[start:end]``, and where it stands (``StageInfo.end``). Info None if it is not
+        running here (finished, aborted, queued again: the migration stops). Two values, so a caller can forward
+        the KV without looking at it. The copy runs on the engine's thread, between steps: ``max_bytes`` bounds
+        how long one stage holds up this engine's decoding."""
         req = self.scheduler.requests.get(request_id)
         if req is None or req.status is not RequestStatus.RUNNING or request_id in self.scheduler.detached:
             return None, self._empty()
-        end = req.num_computed_tokens // self.block_size
+        full = req.num_computed_tokens // self.block_size
+        end = full
+        if max_bytes is not None:
+            end = min(full, start + max(max_bytes // self.store.block_bytes, 1))
         ids = self.kv.block_ids(request_id)[start:end]
-        info = StageInfo(end, cdiv(req.num_computed_tokens, self.block_size), req.num_preemptions)
+        info = StageInfo(full, cdiv(req.num_computed_tokens, self.block_size), req.num_preemptions, end)
         return info, self._read(ids) if ids else self._empty()
 
     def freeze(self, request_id: str, start: int,

@@ -59,7 +59,8 @@ class ClusterConfig:
     migration_low: float = 4.0          # a source's freeness is below this (blocks per running request) ...
     migration_gap: float = 8.0          # ... and its destination's at least this much higher
     priority_headroom: int = 0          # blocks of virtual usage per running request more urgent than priority 0
-    max_stages: int = 3
+    max_stages: int = 3                 # copy stages after the destination first caught up
+    stage_bytes: int = 16 << 20         # KV one stage copies at most (how long it holds up the source's decoding)
     autoscale: AutoScaler | None = None
     ray_address: str | None = None      # None: start a local Ray; "auto": join a running cluster
     instance_threads: int | None = None  # torch threads per instance (default: this machine's cores / instances)
@@ -599,9 +600,11 @@ class ClusterEngine:
             self.migrate_request(mv.request_id, mv.dst, num_blocks=mv.num_blocks + 1)
 
     def migrate_request(self, request_id: str, dst_id: str, num_blocks: int | None = None,
-                        check: Callable[[str], bool] | None = None) -> MigrationResult | None:
+                        check: Callable[[str], bool] | None = None,
+                        max_stages: int | None = None) -> MigrationResult | None:
         """Move a running request to instance ``dst_id`` (the coordinator's moves; tests and benchmarks call it
-        directly). None if the request is not live or already moving."""
+        directly). ``max_stages=0``: a blocking copy (every block copied while the request is frozen). None if
+        the request is not live or already moving."""
         with self._lock:
             r = self._reqs.get(request_id)
             if r is None or r.done or r.migrating or r.instance == dst_id:
@@ -615,7 +618,8 @@ class ClusterEngine:
                                // self.block_size)
         key = f"mig-{next(self._mig_ids)}-{request_id}"
         res = migrate(_RemoteEndpoint(src.actor), _RemoteEndpoint(dst.actor), request_id, key, num_blocks,
-                      max_stages=self.cluster.max_stages, check=check)
+                      max_stages=self.cluster.max_stages if max_stages is None else max_stages,
+                      stage_bytes=self.cluster.stage_bytes, check=check)
         with self._lock:
             r.migrating = False
             if res.committed:
@@ -683,8 +687,8 @@ class _RemoteEndpoint:
     def reserve(self, key: str, num_blocks: int) -> bool:
         return ray.get(self.actor.reserve.remote(key, num_blocks))
 
-    def read_blocks(self, request_id: str, start: int) -> tuple[Any, Any]:
-        info_ref, data_ref = self.actor.read_blocks.remote(request_id, start)
+    def read_blocks(self, request_id: str, start: int, max_bytes: int | None) -> tuple[Any, Any]:
+        info_ref, data_ref = self.actor.read_blocks.remote(request_id, start, max_bytes)
         return ray.get(info_ref), data_ref
 
     def write(self, key: str, start: int, data: Any) -> bool:

@@ -153,8 +153,8 @@ class InstanceWorker:
         return self._call(lambda: self.migration.reserve(key, num_blocks))
 
     @ray.method(num_returns=2)
-    def read_blocks(self, request_id: str, start: int):
-        return self._call(lambda: self.migration.read_blocks(request_id, start))
+    def read_blocks(self, request_id: str, start: int, max_bytes: int | None = None):
+        return self._call(lambda: self.migration.read_blocks(request_id, start, max_bytes))
 
     def write(self, key: str, start: int, data) -> bool:
         return self._call(lambda: self.migration.write(key, start, data))
