@@ -49,12 +49,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--instances", type=int, default=2)
-    p.add_argument("--num-prompts", type=int, default=80)
-    p.add_argument("--request-rate", type=float, default=1.0)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--request-rate", type=float, default=0.8)
     p.add_argument("--cv", type=float, default=4.0, help="coefficient of variation of the Gamma inter-arrivals")
-    p.add_argument("--input-len", default="32:1024")
-    p.add_argument("--output-len", default="16:256")
-    p.add_argument("--server-args", default="--num-kv-blocks 96 --max-num-seqs 16",
+    p.add_argument("--input-len", default="32:512")
+    p.add_argument("--output-len", default="16:128")
+    p.add_argument("--server-args", default="--num-kv-blocks 160 --max-num-seqs 16",
                    help="more `tokenyard serve` flags (every variant; per instance)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bench-timeout", type=float, default=1800.0)

@@ -17,6 +17,7 @@ Every method runs on the engine's own thread, between steps.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,7 +82,10 @@ class MigrationEndpoint:
         return t.numpy()
 
     def _write(self, block_ids: list[int], data: np.ndarray) -> None:
-        t = torch.from_numpy(np.require(data, requirements=["C", "W"]))   # Ray hands read-only arrays
+        data = np.ascontiguousarray(data)
+        with warnings.catch_warnings():   # Ray hands over read-only arrays; this one is only read from
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(data)
         if self.store.kv.dtype == torch.bfloat16:
             t = t.view(torch.bfloat16)
         if tuple(t.shape[1:]) != tuple(self.store.kv.shape[1:]) or t.dtype != self.store.kv.dtype:

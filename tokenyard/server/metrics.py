@@ -41,12 +41,17 @@ _COUNTERS = {
 }
 
 # Only for a cluster (``tokenyard serve --instances N``).
-_CLUSTER_GAUGES = {"num_instances": ("tokenyard_num_instances", "Engine instances up (running or draining).")}
+_CLUSTER_GAUGES = {
+    "num_instances": ("tokenyard_num_instances", "Engine instances up (running or draining)."),
+    "instance_start_seconds": ("tokenyard_instance_start_seconds",
+                               "Seconds the most recently started instance took to come up (scale-out cost)."),
+}
 _CLUSTER_COUNTERS = {
     "migrations": ("tokenyard_migrations", "Running requests live-migrated to another instance."),
     "migrations_aborted": ("tokenyard_migrations_aborted", "Live migrations given up (the request stayed)."),
     "resumed_after_failure": ("tokenyard_requests_resumed_after_failure",
                               "Requests resumed on another instance after theirs was lost."),
+    "instances_started": ("tokenyard_instances_started", "Engine instances started (at start-up and scale-out)."),
 }
 
 

@@ -158,8 +158,12 @@ class ClusterEngine:
                 ray.init(include_dashboard=False, log_to_driver=True)
                 self._started_ray = True
         insts = [self._spawn() for _ in range(self.cluster.num_instances)]
-        for inst in insts:
-            self._await_ready(inst)
+        try:
+            for inst in insts:
+                self._await_ready(inst)
+        except Exception as e:
+            self.close()
+            raise ValueError(f"an engine instance failed to start: {e}") from None
         self._threads = [threading.Thread(target=self._poll_loop, name="tokenyard-poller", daemon=True),
                          threading.Thread(target=self._coordinate, name="tokenyard-coordinator", daemon=True)]
         for t in self._threads:
@@ -358,6 +362,8 @@ class ClusterEngine:
             s["migrations"] = len(self.migrations)
             s["migrations_aborted"] = self.num_migrations_aborted
             s["resumed_after_failure"] = self.num_resumed_after_failure
+            s["instances_started"] = len(self.instance_start_s)
+            s["instance_start_seconds"] = self.instance_start_s[-1] if self.instance_start_s else 0.0
         return s
 
     def tenant_stats(self) -> dict[str, tuple[float, float]]:
@@ -625,8 +631,11 @@ class ClusterEngine:
             if res.committed:
                 r.instance = dst_id
                 self.migrations.append(res)
+                log.info("migrated %s %s -> %s: %d blocks in %d stages, frozen %.1f ms", request_id, src.instance_id,
+                         dst_id, res.blocks_staged + res.blocks_final, res.stages, res.downtime_s * 1e3)
             else:
                 self.num_migrations_aborted += 1
+                log.info("migration of %s %s -> %s given up: %s", request_id, src.instance_id, dst_id, res.reason)
             owner = self._instances[r.instance]
             if owner.state in _ALIVE:
                 if r.aborted or r.done:
