@@ -29,7 +29,7 @@ def instance_loads(draw, min_size: int = 1) -> list[InstanceLoad]:
             running.append(RequestLoad(f"r{i}-{j}", b, draw(st.integers(-2, 2)), b * 16))
         out.append(InstanceLoad(
             f"i{i}", total, 16, used_blocks=used, num_running=len(running), num_waiting=draw(st.integers(0, 4)),
-            head_demand_blocks=draw(st.integers(0, 40)), running=running,
+            head_demand_blocks=draw(st.integers(0, 40)), waiting_blocks=draw(st.integers(0, 80)), running=running,
             urgent_running=sum(r.priority < 0 for r in running), pending_requests=draw(st.integers(0, 2)),
             pending_blocks=draw(st.integers(0, 10)), draining=draw(st.booleans()) if i else False,
         ))
@@ -37,8 +37,10 @@ def instance_loads(draw, min_size: int = 1) -> list[InstanceLoad]:
 
 
 def test_freeness_follows_llumnix():
-    x = InstanceLoad("a", 100, 16, used_blocks=40, num_running=4, head_demand_blocks=10, urgent_running=1)
-    assert freeness(x) == (100 - 50) / 4
+    x = InstanceLoad("a", 100, 16, used_blocks=40, num_running=4, head_demand_blocks=10, waiting_blocks=30,
+                     urgent_running=1)
+    assert freeness(x) == (100 - 50) / 4, "migration: the queue head's demand"
+    assert freeness(x, dispatch=True) == (100 - 70) / 4, "dispatch: every queued request's demand"
     assert freeness(x, priority_headroom=6) == (100 - 56) / 4
     x.draining = True
     assert freeness(x) == -math.inf
@@ -55,7 +57,7 @@ def test_dispatch_picks_a_live_instance_by_its_rule(loads, name, key):
     if name == "least-loaded":
         assert chosen.num_requests == min(x.num_requests for x in live)
     if name == "freeness":
-        assert freeness(chosen) == max(freeness(x) for x in live)
+        assert freeness(chosen, dispatch=True) == max(freeness(x, dispatch=True) for x in live)
 
 
 def test_round_robin_cycles_and_no_instance_is_an_error():

@@ -50,7 +50,8 @@ class DispatchPolicy(ABC):
     def _choose(self, loads: Sequence[InstanceLoad], req: DispatchInfo) -> str: ...
 
     def _freest(self, loads: Sequence[InstanceLoad]) -> str:
-        return max(loads, key=lambda x: (freeness(x, self.priority_headroom), -x.num_requests)).instance_id
+        return max(loads, key=lambda x: (freeness(x, self.priority_headroom, dispatch=True),
+                                         -x.num_requests)).instance_id
 
 
 class RoundRobin(DispatchPolicy):

@@ -3,8 +3,9 @@
 Llumnix (OSDI'24) judges instances by *virtual usage*: the blocks in use, plus blocks that are not used yet but
 should count as if they were --
 
-- the blocks the head of the instance's queue needs (a queue that cannot start makes the instance look full,
-  so migration moves requests off it: de-fragmentation);
+- for migration, the blocks the head of the instance's queue needs (a queue that cannot start makes the
+  instance look full, so migration moves requests off it: de-fragmentation); for dispatch, the blocks every
+  queued request needs (a new request would queue behind all of them), as Llumnix's implementation does;
 - headroom for urgent requests (an instance running one looks fuller, so new work and migrated requests go
   elsewhere and the urgent request keeps room to grow);
 - requests dispatched to it that its last report does not show yet;
@@ -39,6 +40,7 @@ class InstanceLoad:
     num_running: int = 0
     num_waiting: int = 0               # queued (waiting or swapped out)
     head_demand_blocks: int = 0        # blocks the head of its queue needs to start (0: nothing queued)
+    waiting_blocks: int = 0            # blocks every queued request needs to start
     urgent_running: int = 0            # running requests more urgent than the default priority
     running: list[RequestLoad] = field(default_factory=list)
     # Kept by the frontend, not reported: dispatched since the report it last saw, and draining for scale-in.
@@ -51,16 +53,17 @@ class InstanceLoad:
         return self.num_running + self.num_waiting + self.pending_requests
 
 
-def virtual_usage(load: InstanceLoad, priority_headroom: int = 0) -> float:
+def virtual_usage(load: InstanceLoad, priority_headroom: int = 0, dispatch: bool = False) -> float:
     if load.draining:
         return math.inf
-    return (load.used_blocks + load.head_demand_blocks + load.pending_blocks
-            + priority_headroom * load.urgent_running)
+    queued = max(load.waiting_blocks, load.head_demand_blocks) if dispatch else load.head_demand_blocks
+    return load.used_blocks + queued + load.pending_blocks + priority_headroom * load.urgent_running
 
 
-def freeness(load: InstanceLoad, priority_headroom: int = 0) -> float:
-    """Free blocks per running request after virtual usage; -inf for an instance being drained."""
-    usage = virtual_usage(load, priority_headroom)
+def freeness(load: InstanceLoad, priority_headroom: int = 0, dispatch: bool = False) -> float:
+    """Free blocks per running request after virtual usage; -inf for an instance being drained. ``dispatch``:
+    the view for placing a new request (every queued request's demand counts, not only the head's)."""
+    usage = virtual_usage(load, priority_headroom, dispatch)
     if math.isinf(usage):
         return -math.inf
     return (load.num_blocks - usage) / max(load.num_running + load.pending_requests, 1)

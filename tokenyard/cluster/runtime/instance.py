@@ -58,15 +58,17 @@ def instance_load(engine: LLMEngine, instance_id: str) -> InstanceLoad:
     """The load report of one engine (its scheduler's queues and KV pool)."""
     s, kv = engine.scheduler, engine.kv
     bs = kv.block_size
+    def demand(r) -> int:   # blocks a queued request needs to start (a swapped one: to come back)
+        return cdiv(r.num_tokens if r.status is RequestStatus.WAITING else r.num_computed_tokens + 1, bs)
+
     head = s.policy.peek()
-    demand = 0
-    if head is not None:
-        demand = cdiv(head.num_tokens if head.status is RequestStatus.WAITING else head.num_computed_tokens + 1, bs)
     running = [RequestLoad(r.request_id, len(kv.req_blocks.get(r.request_id, ())), r.priority, r.num_tokens)
                for r in s.running if not r.is_prefilling]
     return InstanceLoad(
         instance_id=instance_id, num_blocks=kv.pool.num_blocks, block_size=bs, used_blocks=kv.num_used_blocks,
-        num_running=len(s.running), num_waiting=len(s.policy), head_demand_blocks=demand,
+        num_running=len(s.running), num_waiting=len(s.policy),
+        head_demand_blocks=demand(head) if head is not None else 0,
+        waiting_blocks=sum(demand(r) for r in s.policy.queued()),
         urgent_running=sum(r.priority < 0 for r in s.running), running=running,
     )
 
