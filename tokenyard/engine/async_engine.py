@@ -125,7 +125,49 @@ class RequestStream:
         self.abort()
 
 
-class AsyncEngine:
+class StreamingEngine:
+    """What the server needs of an engine, one request at a time, on top of ``add_requests`` (all or nothing):
+    ``AsyncEngine`` (one engine in this process) and ``ClusterEngine`` (many, on Ray) both are one."""
+
+    async def add_requests(self, items: list[tuple[str | list[int], SamplingParams]], *, priority: int = 0,
+                           tenant: str = "default", request_ids: list[str] | None = None,
+                           cache_salt: str | None = None) -> list[RequestStream]:
+        raise NotImplementedError
+
+    async def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        *,
+        priority: int = 0,
+        tenant: str = "default",
+        request_id: str | None = None,
+        cache_salt: str | None = None,
+    ) -> RequestStream:
+        """Queue a request; returns once the engine took it. Validation errors are raised here."""
+        return (await self.add_requests([(prompt, params or SamplingParams())], priority=priority, tenant=tenant,
+                                        request_ids=[request_id] if request_id else None, cache_salt=cache_salt))[0]
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        tenant: str = "default",
+        request_id: str | None = None,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream one request's output deltas; closing or cancelling the iterator aborts the request."""
+        stream = await self.add_request(prompt, params, priority=priority, tenant=tenant, request_id=request_id,
+                                        cache_salt=cache_salt)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.abort()
+
+
+class AsyncEngine(StreamingEngine):
     def __init__(self, engine: LLMEngine, max_waiting: int = 256,
                  on_failure: Callable[[BaseException], None] | None = None) -> None:
         """``on_failure`` is called (from the loop thread) if the engine loop dies; the server exits on it."""
@@ -191,20 +233,6 @@ class AsyncEngine:
             await asyncio.to_thread(self._thread.join)
 
     # ------------------------------------------------------------------ requests
-    async def add_request(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams | None = None,
-        *,
-        priority: int = 0,
-        tenant: str = "default",
-        request_id: str | None = None,
-        cache_salt: str | None = None,
-    ) -> RequestStream:
-        """Queue a request; returns once the engine took it. Validation errors are raised here."""
-        return (await self.add_requests([(prompt, params or SamplingParams())], priority=priority, tenant=tenant,
-                                        request_ids=[request_id] if request_id else None, cache_salt=cache_salt))[0]
-
     async def add_requests(
         self,
         items: list[tuple[str | list[int], SamplingParams]],
@@ -240,24 +268,6 @@ class AsyncEngine:
             self.abort([a.request_id for a in adds])
             raise
         return [RequestStream(self, a.request_id, a.stream.queue) for a in adds]
-
-    async def generate(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams | None = None,
-        priority: int = 0,
-        tenant: str = "default",
-        request_id: str | None = None,
-        cache_salt: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Stream one request's output deltas; closing or cancelling the iterator aborts the request."""
-        stream = await self.add_request(prompt, params, priority=priority, tenant=tenant, request_id=request_id,
-                                        cache_salt=cache_salt)
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            stream.abort()
 
     async def set_priority(self, request_ids: list[str], priority: int) -> int:
         """Change the priority of live requests from the next step; returns how many were live."""

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tokenyard import __version__
-from tokenyard.engine.async_engine import AsyncEngine
+from tokenyard.engine.async_engine import StreamingEngine
 from tokenyard.server.errors import APIError, install_error_handlers
 from tokenyard.server.metrics import ServerMetrics
 from tokenyard.server.middleware import OPEN_PATHS, PUBLIC_PATHS, APIKeyMiddleware, BodySizeLimitMiddleware
@@ -70,7 +70,7 @@ class ServerSettings:
         return bounds
 
 
-def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> FastAPI:
+def create_app(engine: StreamingEngine, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
 
     @asynccontextmanager

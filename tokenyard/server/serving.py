@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from tokenyard.engine.async_engine import AsyncEngine, RequestStream
+from tokenyard.engine.async_engine import RequestStream, StreamingEngine
 from tokenyard.outputs import RequestOutput, TokenLogprob
 from tokenyard.sampling_params import InvalidParameterError, SamplingParams
 from tokenyard.sched.policies import PRIORITY_POLICIES, uses_priority
@@ -92,7 +92,7 @@ def _temperature(t: float | None) -> float:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, priority_bounds: tuple[int, int] | None = None,
+    def __init__(self, engine: StreamingEngine, metrics: ServerMetrics, priority_bounds: tuple[int, int] | None = None,
                  salt_by_tenant: bool = True) -> None:
         """``priority_bounds``: the priorities clients may ask for (None: any). ``salt_by_tenant``: a request
         that names its tenant (``user``) and brings no ``cache_salt`` is salted by the tenant, so one tenant's

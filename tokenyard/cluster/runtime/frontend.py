@@ -20,7 +20,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -32,7 +32,13 @@ from tokenyard.cluster.migration import MigrationResult, migrate
 from tokenyard.cluster.rebalance import AutoScaler, plan_migrations
 from tokenyard.cluster.runtime.instance import AddItem, InstanceActor, PollReply
 from tokenyard.config import EngineConfig
-from tokenyard.engine.async_engine import EngineUnavailableError, QueueFullError, RequestStream, _Stream
+from tokenyard.engine.async_engine import (
+    EngineUnavailableError,
+    QueueFullError,
+    RequestStream,
+    StreamingEngine,
+    _Stream,
+)
 from tokenyard.engine.llm_engine import tokenize_prompt
 from tokenyard.engine.output_processor import OutputProcessor, TokenEvent
 from tokenyard.model.config import ModelConfig
@@ -102,7 +108,7 @@ class _Instance:
     error: str | None = None
 
 
-class ClusterEngine:
+class ClusterEngine(StreamingEngine):
     """``AsyncEngine``'s interface over many instances (see the module docstring)."""
 
     def __init__(self, config: EngineConfig, cluster: ClusterConfig | None = None, max_waiting: int = 256,
@@ -239,12 +245,6 @@ class ClusterEngine:
             ray.shutdown()
 
     # ------------------------------------------------------------------ requests
-    async def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *, priority: int = 0,
-                          tenant: str = "default", request_id: str | None = None,
-                          cache_salt: str | None = None) -> RequestStream:
-        return (await self.add_requests([(prompt, params or SamplingParams())], priority=priority, tenant=tenant,
-                                        request_ids=[request_id] if request_id else None, cache_salt=cache_salt))[0]
-
     async def add_requests(self, items: list[tuple[str | list[int], SamplingParams]], *, priority: int = 0,
                            tenant: str = "default", request_ids: list[str] | None = None,
                            cache_salt: str | None = None) -> list[RequestStream]:
@@ -293,17 +293,6 @@ class ClusterEngine:
             param, msg = errors[0]
             raise InvalidParameterError(param, msg)
         return [RequestStream(self, r.request_id, r.stream.queue) for r in reqs]
-
-    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None, priority: int = 0,
-                       tenant: str = "default", request_id: str | None = None,
-                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
-        stream = await self.add_request(prompt, params, priority=priority, tenant=tenant, request_id=request_id,
-                                        cache_salt=cache_salt)
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            stream.abort()
 
     async def set_priority(self, request_ids: list[str], priority: int) -> int:
         if not isinstance(priority, int) or isinstance(priority, bool):
