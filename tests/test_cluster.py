@@ -239,7 +239,13 @@ def test_server_with_instances_answers_the_openai_client(model_dir, tmp_path):
         assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 10
         health = httpx.get(f"{srv.url}/health").json()
         assert health["status"] == "ok" and [i["state"] for i in health["instances"]] == ["running", "running"]
-        assert srv.metrics()["tokenyard_num_instances"] == 2
+        m = srv.metrics()
+        assert m["tokenyard_num_instances"] == 2
+        deadline = time.monotonic() + 10   # per-tenant service, summed over the instances (reported every 0.5 s)
+        while not any(k.startswith("tokenyard_tenant_service_total") and v > 0 for k, v in m.items()):
+            assert time.monotonic() < deadline, m
+            time.sleep(0.2)
+            m = srv.metrics()
     finally:
         assert srv.stop() == 0
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)

@@ -101,6 +101,7 @@ class _Instance:
     state: str = "running"                # starting | running | draining | dead | stopped
     load: InstanceLoad | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    tenant_stats: dict[str, tuple[float, float]] = field(default_factory=dict)
     poll_ref: Any = None
     add_seq: int = 0
     pending: dict[int, tuple[int, int]] = field(default_factory=dict)   # add seq -> (requests, blocks)
@@ -356,7 +357,15 @@ class ClusterEngine(StreamingEngine):
         return s
 
     def tenant_stats(self) -> dict[str, tuple[float, float]]:
-        return {}
+        """Per tenant, summed over the instances (a lost or stopped one keeps its last report, so the service
+        series stay monotonic): service, and the sum of the instances' virtual counters."""
+        out: dict[str, tuple[float, float]] = {}
+        with self._lock:
+            for inst in self._instances.values():
+                for t, (service, counter) in inst.tenant_stats.items():
+                    s0, c0 = out.get(t, (0.0, 0.0))
+                    out[t] = (s0 + service, c0 + counter)
+        return out
 
     def instances(self) -> list[dict[str, Any]]:
         """Each instance's state and load (for /health)."""
@@ -448,7 +457,7 @@ class ClusterEngine(StreamingEngine):
                         continue
                     with self._lock:
                         inst.poll_ref = inst.actor.poll.remote(0.5)
-                        inst.load, inst.stats = reply.load, reply.stats
+                        inst.load, inst.stats, inst.tenant_stats = reply.load, reply.stats, reply.tenant_stats
                         for seq in [s for s in inst.pending if s <= reply.last_add_seq]:
                             del inst.pending[seq]
                         for ev in reply.events:

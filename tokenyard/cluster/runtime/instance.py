@@ -51,6 +51,7 @@ class PollReply:
     load: InstanceLoad | None = None
     stats: dict[str, float] = field(default_factory=dict)
     last_add_seq: int = 0          # the last ``add`` call applied (the frontend's dispatched-but-unseen count)
+    tenant_stats: dict[str, tuple[float, float]] = field(default_factory=dict)   # (service, counter) per tenant
     error: str | None = None       # the loop thread died: the instance is lost
 
 
@@ -87,6 +88,8 @@ class InstanceWorker:
         self._add_seq = 0
         self._load = instance_load(self.engine, instance_id)
         self._stats = self.engine.stats()
+        self._tenant_stats = self.engine.tenant_stats()
+        self._tenant_stats_at = 0.0
         self.start_time_s = time.perf_counter() - t0
         self._thread = threading.Thread(target=self._run, name=f"tokenyard-{instance_id}", daemon=True)
         self._thread.start()
@@ -134,7 +137,8 @@ class InstanceWorker:
                     break
                 self._cv.wait(left)
             events, self._events = self._events, []
-            return PollReply(events, self._load, self._stats, self._add_seq, self._dead)
+            return PollReply(events=events, load=self._load, stats=self._stats, last_add_seq=self._add_seq,
+                             tenant_stats=self._tenant_stats, error=self._dead)
 
     def check(self) -> dict[str, int]:
         """Run the scheduler's invariant checks; the block counts (tests read them after a run)."""
@@ -204,9 +208,15 @@ class InstanceWorker:
                         fut.set_exception(e)
                 events = engine.step_events() if engine.has_unfinished_requests() else []
                 load, stats = instance_load(engine, self.instance_id), engine.stats()
+                now = time.monotonic()
+                tenants = None
+                if now - self._tenant_stats_at > 0.5 or not engine.has_unfinished_requests():
+                    tenants, self._tenant_stats_at = engine.tenant_stats(), now   # linear in tenants: not every step
                 with self._cv:
                     self._events.extend(events)
                     self._load, self._stats = load, stats
+                    if tenants is not None:
+                        self._tenant_stats = tenants
                     self._cv.notify_all()
         except BaseException as e:  # noqa: BLE001 - the frontend learns it from the next poll
             log.exception("instance %s: engine loop failed", self.instance_id)
