@@ -282,3 +282,43 @@ def test_autoscaler_starts_an_instance_under_pressure_and_drains_one_when_idle(m
         _idle_and_clean(eng)
     finally:
         eng.close()
+
+
+def test_an_abort_that_overtakes_its_add_drops_the_request(model_dir):
+    """Ray runs a threaded actor's calls in any order: an abort may arrive before the add it follows."""
+    from tokenyard.cluster.runtime.instance import AddItem, InstanceWorker
+
+    w = InstanceWorker("solo", EngineConfig(model=str(model_dir), block_size=4, num_kv_blocks=64, num_threads=1))
+    try:
+        w.abort(["early"])
+        assert w.add([AddItem("early", [5, 6, 7], _greedy(4)), AddItem("other", [5, 6, 7], _greedy(4))], 1) == [None,
+                                                                                                              None]
+        deadline = time.monotonic() + 30
+        seen = set()
+        while len(seen) < 1 or w.check()["requests"]:
+            seen |= {e.request_id for e in w.poll(0.2).events}
+            assert time.monotonic() < deadline
+        assert seen == {"other"}, "the aborted request never ran"
+        assert w.check() == {"used_blocks": 0, "reservations": 0, "requests": 0, "detached": 0}
+    finally:
+        w.shutdown()
+
+
+def test_freeze_hands_over_the_requests_unpolled_events(model_dir):
+    from tokenyard.cluster.runtime.instance import AddItem, InstanceWorker
+
+    w = InstanceWorker("solo", EngineConfig(model=str(model_dir), block_size=4, num_kv_blocks=400, num_threads=1))
+    try:
+        assert w.add([AddItem("r", list(range(5, 20)), _greedy(LONG))], 1) == [None]
+        deadline = time.monotonic() + 30
+        while not w._events:   # it ran a step whose event nobody polled yet
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        head, _ = w.freeze("r", 0, None)
+        snapshot, first, n, events = head
+        assert events and all(e.request_id == "r" for e in events)
+        assert [e.position for e in events] == list(range(events[0].position, len(snapshot.output_token_ids)))
+        assert all(e.request_id != "r" for e in w.poll(0).events), "handed over, not reported twice"
+        assert w.resume("r")
+    finally:
+        w.shutdown()

@@ -160,3 +160,28 @@ def test_seeded_sampling_continues_exactly_after_a_migration(tiny_llama_dir):
     _drain([a, b], got)
     assert got[rid] == want[rid]
     _clean(a, b)
+
+
+def test_a_frozen_request_keeps_its_seat(tiny_llama_dir):
+    """While frozen for a migration's last stage a request still holds its seat: if the commit fails it runs here
+    again, and max_num_seqs must still hold."""
+    a = _engine(tiny_llama_dir, max_num_seqs=2)
+    prompts = _prompts(3, seed=11)
+    ids = [a.add_request(p, GREEDY, track_output=False) for p in prompts]
+    tokens: dict[str, list[int]] = {}
+    for _ in range(3):
+        for ev in a.step_events():
+            tokens.setdefault(ev.request_id, []).append(ev.token_id)
+    running = [r.request_id for r in a.scheduler.running]
+    assert running == ids[:2]
+    head, _ = MigrationEndpoint(a).freeze(ids[0], 0)
+    assert head is not None and a.scheduler.detached
+    for ev in a.step_events():
+        tokens.setdefault(ev.request_id, []).append(ev.token_id)
+    assert a.scheduler.requests[ids[2]].status.value == "waiting", "the frozen request's seat stayed taken"
+    assert MigrationEndpoint(a).resume(ids[0])
+    a.scheduler.check_invariants()
+    _drain([a], tokens)
+    for rid, prompt in zip(ids, prompts):
+        assert tokens[rid] == hf_greedy(tiny_llama_dir, prompt, MAX_NEW)
+    _clean(a)

@@ -41,6 +41,9 @@ class MigrationResult:
     downtime_s: float = 0.0          # frozen: from the freeze to the commit
     total_s: float = 0.0
     phases: list[str] = field(default_factory=list)   # the protocol steps taken, in order (for tests)
+    # Whatever the source's freeze handed over beyond the snapshot (a cluster instance: its events for the
+    # request not yet polled, so they cannot be lost with the source).
+    source_extra: list[Any] = field(default_factory=list)
 
 
 class _Abort(Exception):
@@ -60,14 +63,14 @@ def migrate(src: Endpoint, dst: Endpoint, request_id: str, key: str, num_blocks:
     ``between_stages`` runs after each stage (tests step the source engine there)."""
     t0 = time.perf_counter()
     res = MigrationResult(request_id, committed=False)
-    if not dst.reserve(key, num_blocks):
-        res.reason = "the destination refused the reservation"
-        res.phases.append("refused")
-        res.total_s = time.perf_counter() - t0
-        return res
-    res.phases.append("reserved")
     frozen = False
     try:
+        if not dst.reserve(key, num_blocks):
+            res.reason = "the destination refused the reservation"
+            res.phases.append("refused")
+            res.total_s = time.perf_counter() - t0
+            return res
+        res.phases.append("reserved")
         start, preemptions = 0, None
         extra = 0   # stages after the destination first caught up
         while extra < max_stages:
@@ -92,12 +95,14 @@ def migrate(src: Endpoint, dst: Endpoint, request_id: str, key: str, num_blocks:
                     break
         _check(check, "freeze", res)
         t_freeze = time.perf_counter()
+        frozen = True   # from here a failure resumes it on the source (a no-op if the freeze did not happen)
         head, data = src.freeze(request_id, start, preemptions)
         if head is None:
+            frozen = False
             raise _Abort("the request stopped running on the source")
-        frozen = True
         res.phases.append("frozen")
-        snapshot, first, res.blocks_final = head
+        snapshot, first, res.blocks_final = head[:3]
+        res.source_extra = list(head[3]) if len(head) > 3 else []
         _check(check, "commit", res)
         if not dst.commit(key, snapshot, first, data):
             raise _Abort("the destination refused the commit")

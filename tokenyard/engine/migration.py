@@ -193,15 +193,19 @@ class MigrationEndpoint:
         if snap.params.min_tokens:
             stop_for_min = tuple(sorted(t for t in snap.stop_token_ids if 0 <= t < e.model_config.vocab_size))
         e.runner.add_request(snap.request_id, snap.params, stop_for_min, list(snap.prompt_token_ids))
-        state = e.runner.states[snap.request_id]
-        for tok in snap.output_token_ids:
-            state.record(tok)
-        if snap.generator_state is not None and state.generator is not None:
-            state.generator.set_state(torch.frombuffer(bytearray(snap.generator_state), dtype=torch.uint8))
-        if not self.scheduler.adopt(req, key):
+        try:
+            state = e.runner.states[snap.request_id]
+            for tok in snap.output_token_ids:
+                state.record(tok)
+            if snap.generator_state is not None and state.generator is not None:
+                state.generator.set_state(torch.frombuffer(bytearray(snap.generator_state), dtype=torch.uint8))
+            adopted = self.scheduler.adopt(req, key)
+        except BaseException:
             e.runner.remove_requests([snap.request_id])
-            return False
-        return True
+            raise
+        if not adopted:
+            e.runner.remove_requests([snap.request_id])
+        return adopted
 
     def abort(self, key: str) -> None:
         """The migration was given up: free the reservation (no-op if it is gone or was committed)."""

@@ -224,8 +224,10 @@ class Scheduler:
 
     @property
     def _seats_taken(self) -> int:
-        """Running requests and those swapping in (they run once their copy lands)."""
-        return len(self.running) + sum(r.status is RequestStatus.SWAPPING_IN for r in self.in_flight.values())
+        """Running requests, those swapping in (they run once their copy lands) and those frozen for a migration
+        (they run here again if it fails)."""
+        return (len(self.running) + len(self.detached)
+                + sum(r.status is RequestStatus.SWAPPING_IN for r in self.in_flight.values()))
 
     def _issue(self, st: _Step, t: KVTransfer, req: Request, overlap: bool) -> None:
         """Hand a transfer to this step's output: in flight (``overlap``) or completed now and copied before

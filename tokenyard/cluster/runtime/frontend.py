@@ -92,6 +92,9 @@ class _Req:
     aborted: bool = False
     done: bool = False
     priority_changed: bool = False        # while migrating: re-applied on the destination after the commit
+    # Instances whose events count: the one running it, and a migration's source (its last events may come
+    # late). A resume after an instance is lost starts afresh: anything else is stale.
+    accept_from: set[str] = field(default_factory=set)
 
 
 @dataclass(eq=False)
@@ -422,6 +425,7 @@ class ClusterEngine(StreamingEngine):
                                                            self._prefix_key(r.prompt_token_ids, r.cache_salt),
                                                            r.priority))
             r.instance = iid
+            r.accept_from = {iid}
             groups.setdefault(iid, []).append(r)
             inst = self._instances[iid]
             inst.add_seq += 1
@@ -453,6 +457,9 @@ class ClusterEngine(StreamingEngine):
                         self._instance_lost(inst, f"{type(e).__name__}: {e}")
                         continue
                     if reply.error is not None:
+                        with self._lock:   # what it made before its loop died still counts
+                            for ev in reply.events:
+                                self._on_event_locked(ev, inst.instance_id)
                         self._instance_lost(inst, reply.error)
                         continue
                     with self._lock:
@@ -461,14 +468,14 @@ class ClusterEngine(StreamingEngine):
                         for seq in [s for s in inst.pending if s <= reply.last_add_seq]:
                             del inst.pending[seq]
                         for ev in reply.events:
-                            self._on_event_locked(ev)
+                            self._on_event_locked(ev, inst.instance_id)
         except BaseException as e:  # noqa: BLE001 - the frontend cannot go on: fail every stream, tell the server
             log.exception("cluster poller failed")
             self._fail_all(e)
 
-    def _on_event_locked(self, ev: TokenEvent) -> None:
+    def _on_event_locked(self, ev: TokenEvent, instance_id: str) -> None:
         r = self._reqs.get(ev.request_id)
-        if r is None or r.done:
+        if r is None or r.done or instance_id not in r.accept_from:
             return
         if ev.error is not None:
             self._apply_locked(r, ev)
@@ -560,6 +567,7 @@ class ClusterEngine(StreamingEngine):
                                                         "is left to resume it", time.monotonic()))
             return
         r.instance = iid
+        r.accept_from = {iid}
         inst = self._instances[iid]
         inst.add_seq += 1
         inst.pending[inst.add_seq] = (1, -(-len(toks) // self.block_size))
@@ -601,7 +609,10 @@ class ClusterEngine(StreamingEngine):
                                     priority_headroom=c.priority_headroom, busy=busy,
                                     max_moves=max(len(loads) // 2, 1))
         for mv in moves:
-            self.migrate_request(mv.request_id, mv.dst, num_blocks=mv.num_blocks + 1)
+            try:
+                self.migrate_request(mv.request_id, mv.dst, num_blocks=mv.num_blocks + 1)
+            except Exception:  # noqa: BLE001 - one failed move must not stop the coordinator
+                log.exception("migrating %s to %s failed", mv.request_id, mv.dst)
 
     def migrate_request(self, request_id: str, dst_id: str, num_blocks: int | None = None,
                         check: Callable[[str], bool] | None = None,
@@ -617,15 +628,27 @@ class ClusterEngine(StreamingEngine):
             if src is None or dst is None or src.state not in _ALIVE or dst.state not in ("running",):
                 return None
             r.migrating = True
+            r.accept_from.add(dst_id)   # it emits from the step after the commit, maybe before migrate() returns
             if num_blocks is None:
                 num_blocks = -(-(len(r.prompt_token_ids) + len(self._outputs.output(request_id).token_ids) + 1)
                                // self.block_size)
         key = f"mig-{next(self._mig_ids)}-{request_id}"
-        res = migrate(_RemoteEndpoint(src.actor), _RemoteEndpoint(dst.actor), request_id, key, num_blocks,
-                      max_stages=self.cluster.max_stages if max_stages is None else max_stages,
-                      stage_bytes=self.cluster.stage_bytes, check=check)
+
+        def go_on(phase: str) -> bool:   # a client abort stops the migration at the next phase
+            return not r.aborted and (check is None or check(phase))
+
+        try:
+            res = migrate(_RemoteEndpoint(src.actor), _RemoteEndpoint(dst.actor), request_id, key, num_blocks,
+                          max_stages=self.cluster.max_stages if max_stages is None else max_stages,
+                          stage_bytes=self.cluster.stage_bytes, check=go_on)
+        except BaseException:
+            with self._lock:
+                r.migrating = False
+            raise
         with self._lock:
             r.migrating = False
+            for ev in res.source_extra:   # the source's unpolled events for it, handed over with the freeze
+                self._on_event_locked(ev, src.instance_id)
             if res.committed:
                 r.instance = dst_id
                 self.migrations.append(res)
@@ -633,6 +656,8 @@ class ClusterEngine(StreamingEngine):
                          dst_id, res.blocks_staged + res.blocks_final, res.stages, res.downtime_s * 1e3)
             else:
                 self.num_migrations_aborted += 1
+                if dst_id != r.instance:
+                    r.accept_from.discard(dst_id)
                 log.info("migration of %s %s -> %s given up: %s", request_id, src.instance_id, dst_id, res.reason)
             owner = self._instances[r.instance]
             if owner.state in _ALIVE:
@@ -675,8 +700,17 @@ class ClusterEngine(StreamingEngine):
         if delta > 0:
             with self._lock:
                 self._starting += 1
+            inst = self._spawn()
             try:
-                self._await_ready(self._spawn())
+                self._await_ready(inst)
+            except Exception as e:  # noqa: BLE001 - the cluster goes on with what it has
+                log.error("scale-out: instance %s failed to start: %s", inst.instance_id, e)
+                with self._lock:
+                    inst.state, inst.error = "dead", f"failed to start: {e}"
+                try:
+                    ray.kill(inst.actor)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
             finally:
                 with self._lock:
                     self._starting -= 1

@@ -86,6 +86,7 @@ class InstanceWorker:
         self._stop = False
         self._dead: str | None = None
         self._add_seq = 0
+        self._tombstones: dict[str, float] = {}   # aborted before their add arrived -> when
         self._load = instance_load(self.engine, instance_id)
         self._stats = self.engine.stats()
         self._tenant_stats = self.engine.tenant_stats()
@@ -108,6 +109,9 @@ class InstanceWorker:
         def run() -> list[tuple[str, str] | None]:
             errs: list[tuple[str, str] | None] = []
             for it in items:
+                if self._tombstones.pop(it.request_id, None) is not None:
+                    errs.append(None)   # aborted before it arrived
+                    continue
                 try:
                     self.engine.add_request(it.prompt_token_ids, it.params, request_id=it.request_id,
                                             priority=it.priority, tenant=it.tenant, cache_salt=it.cache_salt,
@@ -122,7 +126,18 @@ class InstanceWorker:
         return self._call(run)
 
     def abort(self, request_ids: list[str]) -> None:
-        self._call(lambda: self.engine.scheduler.abort_requests(request_ids), wait=False)
+        """Abort requests. A threaded actor may run an ``abort`` before the ``add`` sent earlier: an id unknown
+        here is remembered for a minute, and an ``add`` of it is dropped."""
+        def run() -> None:
+            now = time.monotonic()
+            known = self.engine.scheduler.requests
+            for rid in request_ids:
+                if rid not in known:
+                    self._tombstones[rid] = now
+            self.engine.scheduler.abort_requests(request_ids)
+            if len(self._tombstones) > 1000:
+                self._tombstones = {r: t for r, t in self._tombstones.items() if now - t < 60}
+        self._call(run, wait=False)
 
     def set_priority(self, request_ids: list[str], priority: int) -> int:
         return self._call(lambda: sum(self.engine.set_priority(r, priority) for r in request_ids))
@@ -167,7 +182,18 @@ class InstanceWorker:
 
     @ray.method(num_returns=2)
     def freeze(self, request_id: str, start: int, num_preemptions: int | None):
-        return self._call(lambda: self.migration.freeze(request_id, start, num_preemptions))
+        """MigrationEndpoint.freeze, plus the request's events not yet polled (handed over with the head, so they
+        are not lost if this instance dies before its next poll)."""
+        def run():
+            head, data = self.migration.freeze(request_id, start, num_preemptions)
+            if head is None:
+                return None, data
+            with self._cv:
+                mine = [e for e in self._events if e.request_id == request_id]
+                if mine:
+                    self._events = [e for e in self._events if e.request_id != request_id]
+            return (*head, mine), data
+        return self._call(run)
 
     def commit(self, key: str, snapshot, start: int, data) -> bool:
         return self._call(lambda: self.migration.commit(key, snapshot, start, data))
