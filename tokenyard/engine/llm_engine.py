@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Iterable
 
 import torch
 
@@ -41,6 +42,15 @@ def _device(name: str | None) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device: {name!r}: tokenyard runs on cpu or cuda")
     return device
+
+
+def check_max_tokens(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    """The prompt and its output must fit the context window (InvalidParameterError naming max_tokens)."""
+    if num_prompt_tokens + max_tokens > max_model_len:
+        raise InvalidParameterError(
+            "max_tokens", f"the prompt has {num_prompt_tokens} tokens and max_tokens is {max_tokens}, but the "
+                          f"model's context window is {max_model_len}: ask for at most "
+                          f"{max_model_len - num_prompt_tokens} tokens")
 
 
 def tokenize_prompt(tokenizer: Tokenizer, prompt: str | list[int], vocab_size: int, max_model_len: int) -> list[int]:
@@ -159,11 +169,7 @@ class LLMEngine:
         if bad:
             raise InvalidParameterError("logit_bias", f"logit_bias names token id {bad[0]}, outside the "
                                                       f"vocabulary [0, {vocab})")
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise InvalidParameterError(
-                "max_tokens", f"the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}, but the "
-                              f"model's context window is {self.max_model_len}: ask for at most "
-                              f"{self.max_model_len - len(ids)} tokens")
+        check_max_tokens(len(ids), params.max_tokens, self.max_model_len)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.scheduler.requests or rid in self.outputs:
             raise InvalidParameterError("request_id", f"request_id {rid!r} is already in use")
@@ -184,10 +190,7 @@ class LLMEngine:
         )
         # Everything that can fail runs before the scheduler owns the request; undo the runner's part if the
         # scheduler refuses (e.g. a request that can never fit the pool), so a failure leaves nothing behind.
-        stop_for_min = ()
-        if params.min_tokens:
-            stop_for_min = tuple(sorted(t for t in stop_ids if 0 <= t < self.model_config.vocab_size))
-        self.runner.add_request(rid, params, stop_for_min, ids)
+        self.add_sample_state(rid, params, stop_ids, ids)
         try:
             self.scheduler.add_request(req)
         except BaseException:
@@ -197,6 +200,14 @@ class LLMEngine:
             self.outputs.add(rid, ids, params, req.arrival_time)
         self.num_prompt_tokens += len(ids)
         return rid
+
+    def add_sample_state(self, request_id: str, params: SamplingParams, stop_token_ids: Iterable[int],
+                         prompt_token_ids: list[int]) -> None:
+        """The runner's per-request sampling state (``stop_token_ids``: the ids masked until ``min_tokens``)."""
+        stop_for_min: tuple[int, ...] = ()
+        if params.min_tokens:
+            stop_for_min = tuple(sorted(t for t in stop_token_ids if 0 <= t < self.model_config.vocab_size))
+        self.runner.add_request(request_id, params, stop_for_min, prompt_token_ids)
 
     def abort_request(self, request_ids: str | list[str]) -> list[RequestOutput]:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
@@ -228,15 +239,9 @@ class LLMEngine:
         for ev in self.step_events():
             if ev.request_id not in self.outputs:
                 continue
-            try:
-                out, stopped_by_string = self.outputs.process(ev, now)
-            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
-                log.exception("request %s failed after sampling; aborting it", ev.request_id)
-                self.scheduler.abort_requests([ev.request_id])  # no-op if it already finished
-                out, stopped_by_string = self.outputs.abort(ev.request_id, f"detokenizing the output failed: {e!r}",
-                                                            now), False
-            if stopped_by_string:
-                self.scheduler.finish_requests([ev.request_id], RequestStatus.FINISHED_STOPPED)
+            out, ended_here = self.outputs.apply(ev, now)
+            if ended_here:   # a stop string, or detokenizing failed (then it is an abort): the scheduler stops it
+                self.scheduler.finish_requests([ev.request_id], RequestStatus(out.finish_reason))
             if out is not None:
                 outputs.append(out)
         return outputs

@@ -30,11 +30,10 @@ from tokenyard.sched.request import Request, RequestStatus
 
 @dataclass
 class StageInfo:
-    """Where a request migrating out stands: blocks ``[0, full)`` are full (immutable), ``total`` hold KV; a stage
-    read blocks up to ``end``."""
+    """Where a request migrating out stands: blocks ``[0, full)`` are full (immutable); a stage read blocks up to
+    ``end``."""
 
     full: int
-    total: int
     num_preemptions: int   # changes when a preemption threw its KV away (what was sent is stale)
     end: int = 0           # the blocks read go up to here (at most ``full``)
 
@@ -58,10 +57,6 @@ class RequestSnapshot:
     cache_salt: str | None
     params: SamplingParams
     generator_state: bytes | None = None   # the request's sampling generator (seeded sampling continues exactly)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
 
 class MigrationEndpoint:
@@ -110,7 +105,7 @@ class MigrationEndpoint:
         if max_bytes is not None:
             end = min(full, start + max(max_bytes // self.store.block_bytes, 1))
         ids = self.kv.block_ids(request_id)[start:end]
-        info = StageInfo(full, cdiv(req.num_computed_tokens, self.block_size), req.num_preemptions, end)
+        info = StageInfo(full, req.num_preemptions, end)
         return info, self._read(ids) if ids else self._empty()
 
     def freeze(self, request_id: str, start: int,
@@ -189,10 +184,7 @@ class MigrationEndpoint:
         req.num_cached_tokens = snap.num_cached_tokens
         req.num_preemptions = snap.num_preemptions
         req.first_scheduled_time = time.monotonic()
-        stop_for_min = ()
-        if snap.params.min_tokens:
-            stop_for_min = tuple(sorted(t for t in snap.stop_token_ids if 0 <= t < e.model_config.vocab_size))
-        e.runner.add_request(snap.request_id, snap.params, stop_for_min, list(snap.prompt_token_ids))
+        e.add_sample_state(snap.request_id, snap.params, snap.stop_token_ids, list(snap.prompt_token_ids))
         try:
             state = e.runner.states[snap.request_id]
             for tok in snap.output_token_ids:

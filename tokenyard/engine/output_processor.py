@@ -8,11 +8,14 @@ the detokenizer's window, stop strings) never leaves the frontend.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from tokenyard.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from tokenyard.outputs import RequestOutput, TokenLogprob
 from tokenyard.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,6 +101,16 @@ class OutputProcessor:
             o.metrics["finished_time"] = now
             del self._tracked[ev.request_id]
         return o, stopped_by_string
+
+    def apply(self, ev: TokenEvent, now: float) -> tuple[RequestOutput | None, bool]:
+        """:meth:`process`, with a detokenization failure failing this request alone (finished with "abort" and
+        ``error``). The flag: the request ended here (a stop string, or that failure), so whoever runs it must
+        stop it; the output's ``finish_reason`` says which."""
+        try:
+            return self.process(ev, now)
+        except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+            log.exception("request %s failed after sampling; aborting it", ev.request_id)
+            return self.abort(ev.request_id, f"detokenizing the output failed: {e!r}", now), True
 
     def abort(self, request_id: str, error: str | None = None, now: float | None = None) -> RequestOutput | None:
         """Finish a request with "abort" (``error``: why the engine had to); None if it is not tracked."""

@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import logging
 import math
+import os
 import threading
 import time
 import uuid
@@ -39,7 +40,7 @@ from tokenyard.engine.async_engine import (
     StreamingEngine,
     _Stream,
 )
-from tokenyard.engine.llm_engine import tokenize_prompt
+from tokenyard.engine.llm_engine import check_max_tokens, tokenize_prompt
 from tokenyard.engine.output_processor import OutputProcessor, TokenEvent
 from tokenyard.model.config import ModelConfig
 from tokenyard.model.loader import read_hf_config, resolve_model
@@ -88,7 +89,6 @@ class _Req:
     offset: int = 0                       # output tokens made before the current instance's copy (a resume)
     buffered: dict[int, TokenEvent] = field(default_factory=dict)
     migrating: bool = False
-    orphaned: bool = False                # its instance died during its migration
     aborted: bool = False
     done: bool = False
     priority_changed: bool = False        # while migrating: re-applied on the destination after the commit
@@ -151,7 +151,6 @@ class ClusterEngine(StreamingEngine):
         self.migrations: list[MigrationResult] = []
         self.num_migrations_aborted = 0
         self.num_resumed_after_failure = 0
-        self.num_failed_on_instance_loss = 0
         self.instance_start_s: list[float] = []
         self._threads: list[threading.Thread] = []
         self._started_ray = False
@@ -182,7 +181,6 @@ class ClusterEngine(StreamingEngine):
     def _engine_config(self) -> EngineConfig:
         threads = self.cluster.instance_threads
         if threads is None and self.config.num_threads is None:
-            import os
             threads = max((os.cpu_count() or 1) // self.cluster.num_instances, 1)
         return replace(self.config, num_threads=threads or self.config.num_threads)
 
@@ -210,7 +208,7 @@ class ClusterEngine(StreamingEngine):
     @property
     def is_running(self) -> bool:
         with self._lock:
-            alive = any(i.state in ("running", "draining") for i in self._instances.values())
+            alive = any(i.state in _ALIVE for i in self._instances.values())
         return alive and self._dead is None and self._accepting and not self._stop.is_set()
 
     def stop_accepting(self) -> None:
@@ -262,11 +260,7 @@ class ClusterEngine(StreamingEngine):
         for rid, (prompt, params) in zip(ids, items, strict=True):
             toks = await asyncio.to_thread(tokenize_prompt, self.tokenizer, prompt, self.model_config.vocab_size,
                                            self.max_model_len)
-            if len(toks) + params.max_tokens > self.max_model_len:
-                raise InvalidParameterError(
-                    "max_tokens", f"the prompt has {len(toks)} tokens and max_tokens is {params.max_tokens}, but "
-                                  f"the model's context window is {self.max_model_len}: ask for at most "
-                                  f"{self.max_model_len - len(toks)} tokens")
+            check_max_tokens(len(toks), params.max_tokens, self.max_model_len)
             stream = _Stream(loop, asyncio.Queue(), max((len(s) for s in params.stop), default=1) - 1)
             reqs.append(_Req(rid, toks, params, priority, tenant, cache_salt, now, stream))
         with self._lock:
@@ -351,7 +345,7 @@ class ClusterEngine(StreamingEngine):
                     s[k] += inst.stats.get(k, 0)
             s["num_pending"] = self._num_waiting
             s["num_inflight"] = len(self._reqs)
-            s["num_instances"] = sum(i.state in ("running", "draining") for i in self._instances.values())
+            s["num_instances"] = sum(i.state in _ALIVE for i in self._instances.values())
             s["migrations"] = len(self.migrations)
             s["migrations_aborted"] = self.num_migrations_aborted
             s["resumed_after_failure"] = self.num_resumed_after_failure
@@ -404,7 +398,7 @@ class ClusterEngine(StreamingEngine):
     def _loads_locked(self) -> list[InstanceLoad]:
         out = []
         for inst in self._instances.values():
-            if inst.state not in ("running", "draining") or inst.load is None:
+            if inst.state not in _ALIVE or inst.load is None:
                 continue
             n = sum(p[0] for p in inst.pending.values())
             b = sum(p[1] for p in inst.pending.values())
@@ -424,12 +418,8 @@ class ClusterEngine(StreamingEngine):
             iid = self.dispatch.choose(loads, DispatchInfo(r.request_id, len(r.prompt_token_ids),
                                                            self._prefix_key(r.prompt_token_ids, r.cache_salt),
                                                            r.priority))
-            r.instance = iid
-            r.accept_from = {iid}
+            self._place_locked(r, iid, len(r.prompt_token_ids))
             groups.setdefault(iid, []).append(r)
-            inst = self._instances[iid]
-            inst.add_seq += 1
-            inst.pending[inst.add_seq] = (1, -(-len(r.prompt_token_ids) // self.block_size))
         calls = []
         for iid, group in groups.items():
             inst = self._instances[iid]
@@ -438,13 +428,23 @@ class ClusterEngine(StreamingEngine):
             calls.append(inst.actor.add.remote(items, inst.add_seq))
         return calls
 
+    def _place_locked(self, r: _Req, iid: str, num_tokens: int) -> _Instance:
+        """``r`` runs on ``iid`` from now on: only its events count, and until the instance reports it, it counts
+        as dispatched there (one request, its prompt's blocks)."""
+        r.instance = iid
+        r.accept_from = {iid}
+        inst = self._instances[iid]
+        inst.add_seq += 1
+        inst.pending[inst.add_seq] = (1, -(-num_tokens // self.block_size))
+        return inst
+
     # ------------------------------------------------------------------ the poller thread
     def _poll_loop(self) -> None:
         try:
             while not self._stop.is_set():
                 with self._lock:
                     refs = {i.poll_ref: i for i in self._instances.values()
-                            if i.state in ("running", "draining") and i.poll_ref is not None}
+                            if i.state in _ALIVE and i.poll_ref is not None}
                 if not refs:
                     time.sleep(0.05)
                     continue
@@ -490,14 +490,8 @@ class ClusterEngine(StreamingEngine):
             have += 1
 
     def _apply_locked(self, r: _Req, ev: TokenEvent) -> None:
-        now = time.monotonic()
-        try:
-            out, stopped_by_string = self._outputs.process(ev, now)
-        except Exception as e:  # noqa: BLE001 - this request fails, the others go on
-            log.exception("request %s: detokenizing failed; aborting it", r.request_id)
-            out, stopped_by_string = self._outputs.abort(r.request_id, f"detokenizing the output failed: {e!r}",
-                                                         now), True
-        if stopped_by_string:   # the instance does not know the request ended: stop it there
+        out, ended_here = self._outputs.apply(ev, time.monotonic())
+        if ended_here:   # the instance does not know the request ended: stop it there
             inst = self._instances.get(r.instance)
             if inst is not None and inst.state in _ALIVE and not r.migrating:
                 inst.actor.abort.remote([r.request_id])
@@ -537,9 +531,7 @@ class ClusterEngine(StreamingEngine):
             inst.state, inst.error, inst.pending = "dead", why, {}
             victims = [r for r in self._reqs.values() if r.instance == inst.instance_id and not r.done]
             for r in victims:
-                if r.migrating:
-                    r.orphaned = True   # its migration decides: committed elsewhere, or resumed below later
-                else:
+                if not r.migrating:   # else its migration decides: committed elsewhere, or resumed when it ends
                     self._resume_locked(r)
         try:
             ray.kill(inst.actor)
@@ -558,19 +550,13 @@ class ClusterEngine(StreamingEngine):
                          seed=None if p.seed is None else p.seed + made)
         r.offset, r.buffered = made, {}
         toks = r.prompt_token_ids + list(out.token_ids)
-        r.orphaned = False
         try:
             iid = self.dispatch.choose(self._loads_locked(), DispatchInfo(r.request_id, len(toks), None, r.priority))
         except NoInstanceError:
-            self.num_failed_on_instance_loss += 1
             self._deliver_locked(r, self._outputs.abort(r.request_id, "its instance died and no other instance "
                                                         "is left to resume it", time.monotonic()))
             return
-        r.instance = iid
-        r.accept_from = {iid}
-        inst = self._instances[iid]
-        inst.add_seq += 1
-        inst.pending[inst.add_seq] = (1, -(-len(toks) // self.block_size))
+        inst = self._place_locked(r, iid, len(toks))
         inst.actor.add.remote([AddItem(r.request_id, toks, params, r.priority, r.tenant, r.cache_salt,
                                        r.arrival_time)], inst.add_seq)
         self.num_resumed_after_failure += 1
