@@ -217,6 +217,9 @@ def test_kill_9_of_an_instance_loses_no_request(model_dir):
         assert victim.state == "dead" and eng.stats()["resumed_after_failure"] >= 1
         states = {i["id"]: i["state"] for i in eng.instances()}
         assert states == {"i0": "dead", "i1": "running", "i2": "running"}
+        per_instance = eng._instances["i1"].stats["kv_blocks_total"]
+        assert eng.stats()["kv_blocks_total"] == 2 * per_instance, "a lost instance's pool is not counted"
+        assert eng.stats()["generated_tokens"] >= 6 * 600, "its running counts still are"
         _idle_and_clean(eng)
         # The endpoint keeps serving on what is left.
         tokens, _ = asyncio.run(_run(eng, prompts[:2], _greedy(8)))

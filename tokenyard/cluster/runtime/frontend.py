@@ -51,10 +51,10 @@ from tokenyard.sampling_params import InvalidParameterError, SamplingParams
 log = logging.getLogger(__name__)
 
 _ALIVE = ("running", "draining")   # other states: starting, dead (lost), stopped (drained)
-_SUMMED_STATS = ("num_running", "num_waiting", "num_swapped", "kv_blocks_used", "kv_blocks_free", "kv_blocks_total",
-                 "num_preemptions", "prefix_cache_queries", "prefix_cache_hits", "host_prefix_hit_tokens",
-                 "swap_out_bytes", "swap_in_bytes", "swap_copies", "swap_out_reused_blocks", "num_swapping",
-                 "prompt_tokens", "generated_tokens")
+# Engine stats that describe the present (summed over live instances); every other one is a running count
+# (summed over every instance that ever ran, so the series never goes down when one is lost or drained).
+_STATE_STATS = frozenset({"num_running", "num_waiting", "num_swapped", "kv_blocks_used", "kv_blocks_free",
+                          "kv_blocks_total", "num_swapping"})
 
 
 @dataclass
@@ -339,10 +339,12 @@ class ClusterEngine(StreamingEngine):
     # ------------------------------------------------------------------ introspection
     def stats(self) -> dict[str, float]:
         with self._lock:
-            s = {k: 0.0 for k in _SUMMED_STATS}
+            s: dict[str, float] = {}
             for inst in self._instances.values():
-                for k in _SUMMED_STATS:
-                    s[k] += inst.stats.get(k, 0)
+                alive = inst.state in _ALIVE
+                for k, v in inst.stats.items():
+                    if alive or k not in _STATE_STATS:
+                        s[k] = s.get(k, 0.0) + v
             s["num_pending"] = self._num_waiting
             s["num_inflight"] = len(self._reqs)
             s["num_instances"] = sum(i.state in _ALIVE for i in self._instances.values())

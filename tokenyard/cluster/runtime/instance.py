@@ -213,6 +213,8 @@ class InstanceWorker:
         with self._cv:
             if self._dead is not None:
                 raise RuntimeError(f"instance {self.instance_id} is dead: {self._dead}")
+            if self._stop:
+                raise RuntimeError(f"instance {self.instance_id} is shut down")
             self._commands.append((fn, fut))
             self._cv.notify_all()
         return fut.result() if wait else None
@@ -226,6 +228,8 @@ class InstanceWorker:
                         self._cv.wait()
                     commands, self._commands = self._commands, []
                     if self._stop:
+                        for _, fut in commands:   # queued before the shutdown: their callers must not wait forever
+                            fut.set_exception(RuntimeError(f"instance {self.instance_id} is shut down"))
                         break
                 for fn, fut in commands:
                     try:
