@@ -33,6 +33,7 @@ def _check(llm: LLM, model_dir, prompts: list[list[int]], max_new: int = MAX_NEW
 def _llm(model_dir, **kw) -> LLM:
     kw.setdefault("block_size", 4)
     kw.setdefault("check_invariants", True)
+    kw.setdefault("dtype", "float32")   # the reference is fp32 (on CUDA the default would be bf16)
     return LLM(model=str(model_dir), **kw)
 
 
@@ -130,7 +131,7 @@ def test_abort_mid_batch(tiny_model_dir):
 def test_pytorch_fallback_path_is_exact(tiny_model_dir):
     """The pure-PyTorch path (no C++ kernel: no compiler, or CUDA) gives the same tokens."""
     llm = _llm(tiny_model_dir, max_num_batched_tokens=16)
-    llm.engine.runner.model.use_kernel = False
+    llm.engine.runner.model.set_attn_backend("sdpa")
     _check(llm, tiny_model_dir, _prompts(5, 1, 40, seed=8))
 
 

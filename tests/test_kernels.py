@@ -51,8 +51,8 @@ def test_decode_attention_matches_sdpa_fallback(n):
     tables = torch.randperm(num_blocks, generator=g)[: n * width].view(n, width)
     mask = (torch.arange(width * block)[None, :] < lens[:, None])[:, None, None, :]
     q = torch.randn(n, heads, dim, generator=g)
-    fast = decode_attention(q, k_cache, v_cache, tables, lens, mask, dim ** -0.5, use_kernel=True)
-    slow = decode_attention(q, k_cache, v_cache, tables, lens, mask, dim ** -0.5, use_kernel=False)
+    fast = decode_attention(q, k_cache, v_cache, tables, lens, mask, dim ** -0.5, "cpu-kernel")
+    slow = decode_attention(q, k_cache, v_cache, tables, lens, mask, dim ** -0.5, "sdpa")
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
 
 

@@ -20,8 +20,16 @@ class EngineConfig:
     max_num_batched_tokens: int = _opt(512, "token budget of one step, and so the prefill chunk size")
     max_num_seqs: int = _opt(256, "running requests at most")
     block_size: int = _opt(16, "tokens per KV block")
-    num_kv_blocks: int | None = _opt(None, "device KV blocks (default: as many as --kv-cache-memory-gb holds)")
-    kv_cache_memory_gb: float = _opt(1.0, "device memory for the KV cache, when --num-kv-blocks is not given")
+    num_kv_blocks: int | None = _opt(None, "device KV blocks (default: as many as --kv-cache-memory-gb holds; on "
+                                     "CUDA without it, what --gpu-memory-utilization leaves)")
+    kv_cache_memory_gb: float | None = _opt(None, "memory for the KV cache when --num-kv-blocks is not given "
+                                            "(default: 1 GB on CPU; on CUDA, sized by --gpu-memory-utilization)")
+    gpu_memory_utilization: float = _opt(0.9, "CUDA: the share of the GPU's memory this engine may use for "
+                                         "weights, activations, CUDA graphs and KV cache; the KV cache gets what "
+                                         "is left after a profiling pass at the full token budget (vLLM's meaning)")
+    enforce_eager: bool = _opt(False, "CUDA: run every step eagerly (no CUDA-graph capture of decode steps)")
+    max_graph_batch_size: int = _opt(256, "CUDA: decode batches up to this size replay captured graphs (padded to "
+                                     "the next bucket: 1, 2, 4, 8, then multiples of 8 up to 64, then of 32)")
     num_host_blocks: int | None = _opt(None, "host swap blocks (default: as many as --swap-space-gb holds)")
     swap_space_gb: float = _opt(1.0, "host memory for swapped-out KV (with --preemption-mode swap)")
     enable_prefix_caching: bool = _opt(True, "reuse the KV of shared prompt prefixes")
@@ -43,8 +51,8 @@ class EngineConfig:
     vtc_w_q: float = _opt(2.0, "VTC service per output token")
     max_model_len: int | None = _opt(None, "context window (default: the model's)")
     device: str | None = _opt(None, "cpu or cuda (default: cuda if available)")
-    dtype: str = _opt("float32", "weights and KV cache dtype (half precision is slow on CPUs without AMX)",
-                      ("float32", "bfloat16", "float16"))
+    dtype: str = _opt("auto", "weights and KV cache dtype; auto: bfloat16 on CUDA, float32 on CPU (half "
+                      "precision is slow on CPUs without AMX)", ("auto", "float32", "bfloat16", "float16"))
     num_threads: int | None = _opt(None, "torch CPU threads (default: torch's)")
     check_invariants: bool = _opt(False, "run the scheduler/KV integrity check after every step (tests; slower)")
 
@@ -57,8 +65,17 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < (0 if name == "num_host_blocks" else 1)):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.kv_cache_memory_gb is not None and (
+                isinstance(self.kv_cache_memory_gb, bool) or not isinstance(self.kv_cache_memory_gb, (int, float))
+                or not self.kv_cache_memory_gb > 0):
+            raise ValueError(f"kv_cache_memory_gb must be a number > 0, got {self.kv_cache_memory_gb!r}")
+        u = self.gpu_memory_utilization
+        if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
+            raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {u!r}")
+        if not isinstance(self.max_graph_batch_size, int) or self.max_graph_batch_size < 0:
+            raise ValueError(f"max_graph_batch_size must be an integer >= 0, got {self.max_graph_batch_size!r}")
         if isinstance(self.swap_overlap, bool):   # the Python API may say True / False
             self.swap_overlap = "on" if self.swap_overlap else "off"
         if self.swap_overlap not in ("auto", "on", "off"):

@@ -6,6 +6,9 @@ a swap segment ``(src, dst, n)`` is a single copy, whatever the model's depth. (
 copy per layer per tensor for the same run.) Attention reads one layer of it as a strided view
 (``k_cache[:, layer]``: blocks ``layers * 2 * block_size * kv_heads * head_dim`` elements apart, each block's
 rows contiguous), which is what the C++ kernel and the PyTorch fallback take.
+
+The device tensor holds one block more than the pool hands out: the scratch block (``scratch_block``), which
+the padding rows of a CUDA-graph decode batch write to and read from (engine/cuda_graphs.py).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ class KVStore:
                  device: torch.device, dtype: torch.dtype) -> None:
         block = (cfg.num_layers, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.device = device
-        self.kv = torch.zeros((num_blocks, *block), dtype=dtype, device=device)
+        self.kv = torch.zeros((num_blocks + 1, *block), dtype=dtype, device=device)
+        self.scratch_block = num_blocks
         # Pinned on CUDA so host<->device copies can run asynchronously on a side stream.
         self.host_kv = torch.zeros((num_host_blocks, *block), dtype=dtype, pin_memory=device.type == "cuda")
         self.k_cache = self.kv[:, :, 0]   # [num_blocks, layers, block_size, kv_heads, head_dim] views

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
 import time
 from collections.abc import Iterable
 
@@ -42,6 +43,13 @@ def _device(name: str | None) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device: {name!r}: tokenyard runs on cpu or cuda")
     return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """``auto``: bfloat16 on CUDA, float32 on CPU (half precision is slow on CPUs without AMX)."""
+    if name == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return name
 
 
 def check_max_tokens(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
@@ -94,17 +102,28 @@ class LLMEngine:
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         device = _device(config.device)
-        dtype = _DTYPES[config.dtype]
+        dtype = _DTYPES[resolve_dtype(config.dtype, device)]
         per_block = KVStore.bytes_per_block(mc, config.block_size, dtype)
-        num_blocks = config.num_kv_blocks or max(int(config.kv_cache_memory_gb * 2**30) // per_block, 1)
+        self.runner = ModelRunner(mc, load_state_dict(resolved.hf_dir), block_size=config.block_size,
+                                  max_model_len=self.max_model_len, device=device, dtype=dtype)
+        if config.num_kv_blocks:
+            num_blocks = config.num_kv_blocks
+        elif config.kv_cache_memory_gb is not None or device.type != "cuda":
+            num_blocks = max(int((config.kv_cache_memory_gb or 1.0) * 2**30) // per_block, 1)
+        else:
+            num_blocks = self._blocks_from_gpu_memory(per_block)
         if config.num_host_blocks is not None:
             num_host = config.num_host_blocks
         else:
             num_host = int(config.swap_space_gb * 2**30) // per_block if config.preemption_mode == "swap" else 0
-        self.runner = ModelRunner(
-            mc, load_state_dict(resolved.hf_dir), num_blocks=num_blocks, block_size=config.block_size,
-            num_host_blocks=num_host, max_model_len=self.max_model_len, device=device, dtype=dtype,
-        )
+        self.runner.allocate_kv(num_blocks, num_host)
+        if device.type == "cuda" and not config.enforce_eager and config.max_graph_batch_size > 0:
+            if self.runner.model.attn_backend == "triton":
+                print(f"tokenyard: capturing decode CUDA graphs (batch sizes up to "
+                      f"{min(config.max_graph_batch_size, config.max_num_seqs)}) ...", file=sys.stderr, flush=True)
+                self.runner.enable_decode_graphs(min(config.max_graph_batch_size, config.max_num_seqs))
+            else:
+                log.warning("decode CUDA graphs need the Triton attention kernel; running eagerly")
         self.kv = KVCacheManager(num_blocks, config.block_size, num_host, config.enable_prefix_caching,
                                  block_groups=config.swap_block_groups, host_cache=config.host_prefix_cache)
         self.kv_block_bytes = per_block
@@ -283,6 +302,27 @@ class LLMEngine:
         if self.config.check_invariants:
             self.scheduler.check_invariants()
         return events
+
+    def _blocks_from_gpu_memory(self, per_block: int) -> int:
+        """KV blocks that fit in ``gpu_memory_utilization`` of the GPU once the weights, a profiling step at the
+        full token budget, memory outside torch (CUDA context, other processes) and a reserve for the decode
+        graphs are counted (vLLM's accounting)."""
+        cfg = self.config
+        dev = self.runner.device
+        peak = self.runner.profile_peak_bytes(cfg.max_num_batched_tokens, cfg.max_num_seqs)
+        free, total = torch.cuda.mem_get_info(dev)
+        outside_torch = (total - free) - torch.cuda.memory_reserved(dev)
+        graph_reserve = 0 if cfg.enforce_eager else 512 * 2**20
+        budget = int(total * cfg.gpu_memory_utilization) - peak - outside_torch - graph_reserve
+        if budget < per_block:
+            raise ValueError(
+                f"gpu_memory_utilization={cfg.gpu_memory_utilization} leaves no room for the KV cache: "
+                f"{total / 2**30:.1f} GiB GPU, weights and activations peak at {peak / 2**30:.1f} GiB, "
+                f"{outside_torch / 2**30:.1f} GiB used outside torch; raise it or pass --num-kv-blocks")
+        blocks = budget // per_block
+        log.info("KV cache: %d blocks (%.1f GiB) from gpu_memory_utilization=%.2f", blocks,
+                 blocks * per_block / 2**30, cfg.gpu_memory_utilization)
+        return blocks
 
     def _sample_error(self, rid: str) -> str:
         state = self.runner.states.get(rid)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenyard.model.config import ModelConfig
-from tokenyard.model.paged_attention import decode_attention, kernel_usable, load_kernel
+from tokenyard.model.paged_attention import decode_attention, decode_backend, load_kernel
 
 
 @dataclass
@@ -131,6 +131,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # transformers' LlamaRMSNorm arithmetic, op for op, so results match it bit for bit. (F.rms_norm gives
     # the same bits but is a composite op that costs more per call at decode sizes.)
     # In-place where the operand is a fresh temporary: same arithmetic, fewer allocations.
+    if x.dtype != torch.float32:
+        # Half precision: transformers normalizes in fp32 and casts back before the weight multiplies.
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))).to(x.dtype).mul_(weight)
     return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))).mul_(weight)
 
 
@@ -145,11 +149,16 @@ class LlamaModel:
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.gqa = cfg.num_heads != cfg.num_kv_heads
-        self.use_kernel = kernel_usable(device, weights.embed.dtype)
+        self.set_attn_backend(decode_backend(device, weights.embed.dtype))
         self.fuse_decode_layers = True  # decode-only steps run the layer loop in C++ (when use_kernel)
         # The C++ layer loop knows the QKV bias only; o_proj and MLP biases take the Python loop.
         self.extra_biases = any(lw.has_extra_biases for lw in weights.layers)
         self._flat: list[torch.Tensor] | None = None
+
+    def set_attn_backend(self, backend: str) -> None:
+        """``cpu-kernel``, ``triton`` or ``sdpa`` (tests force the fallbacks through this)."""
+        self.attn_backend = backend
+        self.use_kernel = backend == "cpu-kernel"   # the C++ extension's fused paths come with its attention
 
     @torch.inference_mode()
     def forward(
@@ -231,7 +240,7 @@ class LlamaModel:
         if nd:
             outs.append(decode_attention(
                 q[:nd], kc, vc, meta.decode_block_tables, meta.decode_context_lens, meta.decode_mask,
-                self.scale, self.use_kernel,
+                self.scale, self.attn_backend,
             ))
         for pc in meta.prefills:
             qs = q[pc.q_start:pc.q_start + pc.q_len].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]

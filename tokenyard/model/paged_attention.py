@@ -1,10 +1,13 @@
-"""Decode attention over the paged KV cache: a small C++ kernel, with a pure-PyTorch fallback.
+"""Decode attention over the paged KV cache: one kernel per device, with a pure-PyTorch fallback.
 
-The kernel (``csrc/paged_attention.cpp``) reads each sequence's keys and values in place through its block
-table. The fallback gathers them into a padded tensor and calls SDPA, which costs an extra copy of the whole
-context per layer. The kernel is compiled on first use with torch's C++ extension loader (about 20 s with
-g++, cached under the tokenyard cache directory afterwards); without a compiler, or on a non-CPU device,
-or with TOKENYARD_DISABLE_KERNELS=1, the fallback runs.
+The backends (``decode_backend`` picks one for a device and dtype):
+- ``cpu-kernel``: C++ (``csrc/paged_attention.cpp``), fp32 on CPU. It reads each sequence's keys and values in
+  place through its block table. Compiled on first use with torch's C++ extension loader (about 20 s with
+  g++, cached under the tokenyard cache directory afterwards).
+- ``triton``: a Triton kernel (``triton_attention.py``) for CUDA, any dtype, also reading in place.
+- ``sdpa``: gathers the context into a padded tensor and calls SDPA, an extra copy of the whole context per
+  layer. Used where neither kernel is available (no compiler, no Triton, another dtype on CPU), or with
+  TOKENYARD_DISABLE_KERNELS=1.
 """
 
 from __future__ import annotations
@@ -79,20 +82,44 @@ def load_kernel():
         return None
 
 
+@lru_cache(maxsize=1)
+def load_triton_kernel():
+    """The Triton kernel's launcher, or None where Triton is missing or refuses (the fallback runs then)."""
+    if os.environ.get("TOKENYARD_DISABLE_KERNELS") == "1":
+        return None
+    try:
+        from tokenyard.model.triton_attention import paged_decode_attention
+    except Exception as e:  # noqa: BLE001 - no Triton (or a broken one) means: use the fallback
+        log.warning("Triton paged attention unavailable (%s); using the PyTorch fallback", e)
+        return None
+    return paged_decode_attention
+
+
+def decode_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """``cpu-kernel``, ``triton`` or ``sdpa``: see the module docstring."""
+    if device.type == "cpu" and dtype == torch.float32 and load_kernel() is not None:
+        return "cpu-kernel"
+    if device.type == "cuda" and load_triton_kernel() is not None:
+        return "triton"
+    return "sdpa"
+
+
 def decode_attention(
     q: torch.Tensor,             # [n, heads, dim]
     k_cache: torch.Tensor,       # [num_blocks, block_size, kv_heads, dim] (one layer)
     v_cache: torch.Tensor,
-    block_tables: torch.Tensor,  # [n, max_blocks] int64
+    block_tables: torch.Tensor,  # [n, max_blocks] int64 (int32 also for triton)
     context_lens: torch.Tensor,  # [n] int64
-    mask: torch.Tensor | None,   # [n, 1, 1, max_blocks * block_size] bool; the fallback needs it
+    mask: torch.Tensor | None,   # [n, 1, 1, max_blocks * block_size] bool; the sdpa fallback needs it
     scale: float,
-    use_kernel: bool,
+    backend: str,
 ) -> torch.Tensor:
     """One query token per sequence; returns [n, heads, dim]."""
-    if use_kernel:
+    if backend == "cpu-kernel":
         return load_kernel().paged_decode_attention(q.contiguous(), k_cache, v_cache, block_tables,
                                                     context_lens, scale)
+    if backend == "triton":
+        return load_triton_kernel()(q, k_cache, v_cache, block_tables, context_lens, scale)
     n = q.shape[0]
     kv_heads, dim = k_cache.shape[2], k_cache.shape[3]
     flat = block_tables.view(-1)
@@ -101,7 +128,3 @@ def decode_attention(
     out = F.scaled_dot_product_attention(q.contiguous().unsqueeze(2), keys, vals, attn_mask=mask, scale=scale,
                                          enable_gqa=kv_heads != q.shape[1])
     return out.squeeze(2)
-
-
-def kernel_usable(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype == torch.float32 and load_kernel() is not None
