@@ -264,12 +264,12 @@ def test_cuda_graph_decode_is_exact_in_fp32(tiny_model_dir):
 
 @needs_cuda
 def test_kv_cache_is_sized_from_gpu_memory_utilization(tiny_llama_dir):
-    total = torch.cuda.mem_get_info()[1]
-    small = LLM(model=str(tiny_llama_dir), block_size=16, device="cuda", gpu_memory_utilization=0.05).engine
-    blocks_small = small.kv.pool.num_blocks
-    assert blocks_small * small.kv_block_bytes <= 0.05 * total
-    del small
+    """Plenty of memory: capped at what every seat at full context can use. Too little: a clear error."""
+    engine = LLM(model=str(tiny_llama_dir), block_size=16, device="cuda", max_num_seqs=8, max_model_len=256,
+                 gpu_memory_utilization=0.3).engine
+    assert engine.kv.pool.num_blocks == 8 * 256 // 16
+    assert torch.cuda.memory_reserved() <= 0.3 * torch.cuda.mem_get_info()[1]
+    del engine
     torch.cuda.empty_cache()
-    big = LLM(model=str(tiny_llama_dir), block_size=16, device="cuda", gpu_memory_utilization=0.1).engine
-    assert big.kv.pool.num_blocks > 1.5 * blocks_small
-    assert torch.cuda.memory_reserved() <= 0.1 * total + 2**30
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        LLM(model=str(tiny_llama_dir), device="cuda", gpu_memory_utilization=1e-6)

@@ -85,6 +85,7 @@ class DecodeGraphs:
         """Capture largest first, all graphs in one memory pool (a smaller graph reuses the larger's memory)."""
         t0 = time.perf_counter()
         pool = None
+        torch.cuda.synchronize()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

@@ -121,7 +121,13 @@ class LLMEngine:
             if self.runner.model.attn_backend == "triton":
                 print(f"tokenyard: capturing decode CUDA graphs (batch sizes up to "
                       f"{min(config.max_graph_batch_size, config.max_num_seqs)}) ...", file=sys.stderr, flush=True)
-                self.runner.enable_decode_graphs(min(config.max_graph_batch_size, config.max_num_seqs))
+                try:
+                    self.runner.enable_decode_graphs(min(config.max_graph_batch_size, config.max_num_seqs))
+                except Exception as e:  # noqa: BLE001 - a capture this setup refuses: serve eagerly
+                    log.warning("decode CUDA graph capture failed (%s); running eagerly (--enforce-eager "
+                                "skips the attempt)", e)
+                    self.runner.graphs = None
+                    torch.cuda.synchronize(device)
             else:
                 log.warning("decode CUDA graphs need the Triton attention kernel; running eagerly")
         self.kv = KVCacheManager(num_blocks, config.block_size, num_host, config.enable_prefix_caching,
@@ -320,6 +326,13 @@ class LLMEngine:
                 f"{total / 2**30:.1f} GiB GPU, weights and activations peak at {peak / 2**30:.1f} GiB, "
                 f"{outside_torch / 2**30:.1f} GiB used outside torch; raise it or pass --num-kv-blocks")
         blocks = budget // per_block
+        # More than every seat filled to the context window can ever use only caches prefixes, and a pool of
+        # millions of blocks (a small model on a large GPU) costs the bookkeeping time and memory for nothing.
+        most = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)
+        if blocks > most:
+            log.info("KV cache: %d blocks would fit; %d (max_num_seqs x max_model_len) are all that can be used",
+                     blocks, most)
+            blocks = most
         log.info("KV cache: %d blocks (%.1f GiB) from gpu_memory_utilization=%.2f", blocks,
                  blocks * per_block / 2**30, cfg.gpu_memory_utilization)
         return blocks

@@ -99,9 +99,35 @@ def decode_backend(device: torch.device, dtype: torch.dtype) -> str:
     """``cpu-kernel``, ``triton`` or ``sdpa``: see the module docstring."""
     if device.type == "cpu" and dtype == torch.float32 and load_kernel() is not None:
         return "cpu-kernel"
-    if device.type == "cuda" and load_triton_kernel() is not None:
+    if device.type == "cuda" and load_triton_kernel() is not None and triton_kernel_works(device, dtype):
         return "triton"
     return "sdpa"
+
+
+@lru_cache(maxsize=8)
+def triton_kernel_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Run the Triton kernel once on a small problem against the SDPA fallback: a Triton that fails to compile
+    here, or computes wrong numbers, means the fallback (with a warning) rather than a crash mid-serving."""
+    g = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim, block, num_blocks = 8, 2, 64, 16, 12
+    k = torch.randn(num_blocks, block, kv_heads, dim, generator=g).to(device=device, dtype=dtype)
+    v = torch.randn(num_blocks, block, kv_heads, dim, generator=g).to(device=device, dtype=dtype)
+    q = torch.randn(3, heads, dim, generator=g).to(device=device, dtype=dtype)
+    lens = torch.tensor([1, 40, 150], device=device)
+    tables = torch.randperm(num_blocks, generator=g)[:30].view(3, 10).to(device)
+    mask = (torch.arange(10 * block, device=device)[None, :] < lens[:, None])[:, None, None, :]
+    try:
+        got = decode_attention(q, k, v, tables, lens, None, dim ** -0.5, "triton").float()
+        want = decode_attention(q, k, v, tables, lens, mask, dim ** -0.5, "sdpa").float()
+    except Exception as e:  # noqa: BLE001 - a kernel that cannot run here means: use the fallback
+        log.warning("the Triton paged attention kernel failed its self-check (%s); using the PyTorch fallback", e)
+        return False
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    if not torch.allclose(got, want, rtol=tol, atol=tol):
+        log.warning("the Triton paged attention kernel disagrees with SDPA (max diff %.3g); using the PyTorch "
+                    "fallback", float((got - want).abs().max()))
+        return False
+    return True
 
 
 def decode_attention(
