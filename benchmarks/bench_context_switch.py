@@ -72,35 +72,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--copy-repeats", type=int, default=20)
     p.add_argument("--skip-copy", action="store_true", help="skip the copy-throughput part")
     p.add_argument("--copy-device", default="cpu", help="where the device KV lives for the copy part (cpu, cuda)")
+    p.add_argument("--model", default=None, help="HF directory to serve (default: the bundled SmolLM2); its "
+                   "tokenizer builds the prompts")
+    p.add_argument("--dtype", default="float32", help="the server's --dtype (and the copy part's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bench-timeout", type=float, default=1800.0)
     p.add_argument("--out", default=str(HERE / "results" / "context_switch.json"))
     return p.parse_args(argv)
 
 
-def kv_block_bytes(block_size: int = 16) -> int:
-    import torch
-
-    from tokenyard.engine.kv_store import KVStore
+def model_config(model: str | None):
     from tokenyard.model.config import ModelConfig
     from tokenyard.model.loader import read_hf_config, resolve_model
 
-    cfg = ModelConfig.from_hf(read_hf_config(resolve_model(None).hf_dir))
-    return KVStore.bytes_per_block(cfg, block_size, torch.float32)
+    return ModelConfig.from_hf(read_hf_config(resolve_model(model).hf_dir))
+
+
+def kv_block_bytes(model: str | None, dtype: str, block_size: int = 16) -> int:
+    import torch
+
+    from tokenyard.engine.kv_store import KVStore
+
+    return KVStore.bytes_per_block(model_config(model), block_size, getattr(torch, dtype))
 
 
 # --------------------------------------------------------------------------- part 1: copy throughput
-def copy_throughput(n_blocks: int, repeats: int, device: str = "cpu") -> dict:
+def copy_throughput(n_blocks: int, repeats: int, device: str = "cpu", model: str | None = None,
+                    dtype: str = "float32") -> dict:
     import torch
 
     from tokenyard.engine.kv_store import KVStore
-    from tokenyard.model.config import ModelConfig
-    from tokenyard.model.loader import read_hf_config, resolve_model
 
-    cfg = ModelConfig.from_hf(read_hf_config(resolve_model(None).hf_dir))
+    cfg = model_config(model)
     dev = torch.device(device)
     store = KVStore(cfg, num_blocks=2 * n_blocks, num_host_blocks=2 * n_blocks, block_size=16,
-                    device=dev, dtype=torch.float32)
+                    device=dev, dtype=getattr(torch, dtype))
     store.kv.normal_()
     nbytes = n_blocks * store.block_bytes
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -128,8 +134,8 @@ def copy_throughput(n_blocks: int, repeats: int, device: str = "cpu") -> dict:
         out["segments"][seg] = {"copies": len(segs), "out_gbps": nbytes / t_out / 1e9, "in_gbps": nbytes / t_in / 1e9}
     # The layer-major per-block gather the engine used before block groups (two tensors, index copies).
     shape = (cfg.num_layers, 2 * n_blocks, 16, cfg.num_kv_heads, cfg.head_dim)
-    k, v = torch.randn(shape, device=dev), torch.randn(shape, device=dev)
-    kh, vh = torch.zeros(shape), torch.zeros(shape)
+    k, v = (torch.randn(shape, device=dev, dtype=store.kv.dtype) for _ in range(2))
+    kh, vh = torch.zeros(shape, dtype=store.kv.dtype), torch.zeros(shape, dtype=store.kv.dtype)
     src = torch.arange(0, 2 * n_blocks, 2, device=dev)
     dst = torch.arange(n_blocks)
 
@@ -146,14 +152,15 @@ def copy_throughput(n_blocks: int, repeats: int, device: str = "cpu") -> dict:
 def run_variant(args: argparse.Namespace, name: str, outdir: Path) -> dict:
     cmd = [sys.executable, "-m", "tokenyard.cli", "serve", "--host", "127.0.0.1", "--port", str(free_port()),
            "--num-threads", str(args.threads), "--no-access-log", "--scheduling-policy", "priority",
-           "--num-kv-blocks", str(args.num_kv_blocks), *VARIANTS[name], *shlex.split(args.server_args)]
+           "--num-kv-blocks", str(args.num_kv_blocks), "--dtype", args.dtype, *VARIANTS[name],
+           *(["--model", args.model] if args.model else []), *shlex.split(args.server_args)]
     with started(name, Peer(f"tokenyard-{name}", cmd, "/health"), outdir / f"{name}.server.log") as (server, ready):
         t0 = time.monotonic()
         report, metrics = run_bench_serve(server.url, [
             "--num-prompts", str(args.num_prompts), "--multi-turn", str(args.multi_turn),
             "--request-rate", str(args.request_rate), "--input-len", args.input_len, "--output-len", args.output_len,
             "--priorities", args.priorities, "--priority-churn", str(args.churn), "--seed", str(args.seed),
-            "--label", name,
+            "--label", name, *(["--tokenizer", args.model] if args.model else []),
         ], outdir / f"{name}.json", outdir / f"{name}.bench.log", args.bench_timeout)
         report["server_metrics"] = {k: v for k, v in metrics.items() if k.startswith("tokenyard_") and "{" not in k}
         report["block_bytes"] = args.block_bytes
@@ -260,11 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     outdir = out.with_suffix("")
     outdir.mkdir(parents=True, exist_ok=True)
-    args.block_bytes = kv_block_bytes()
+    args.block_bytes = kv_block_bytes(args.model, args.dtype)
     copy = None
     if not args.skip_copy:
         console.print("[bold]copy throughput[/bold] (in process)")
-        copy = copy_throughput(args.copy_blocks, args.copy_repeats, args.copy_device)
+        copy = copy_throughput(args.copy_blocks, args.copy_repeats, args.copy_device, args.model, args.dtype)
     reports = {name: run_variant(args, name, outdir) for name in names}
     summaries = {name: summarize(r) for name, r in reports.items()}
     print_tables(copy, summaries)
