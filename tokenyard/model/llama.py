@@ -127,6 +127,18 @@ def rope_tables(cfg: ModelConfig, max_len: int, device: torch.device) -> tuple[t
     return emb.cos().to(device), sin.to(device)
 
 
+def _cache_rows(layer_cache: torch.Tensor) -> torch.Tensor:
+    """[rows, kv_heads, head_dim] over one layer's cache view [num_blocks, block_size, kv_heads, head_dim], whose
+    blocks lie ``stride(0)`` apart (block-major cache) and whose rows within a block are contiguous. Row
+    ``block * stride(0) / row_size + offset`` is the token at ``offset`` in ``block``; the rows between blocks
+    belong to other layers and are never indexed here."""
+    nb, bs, kvh, d = layer_cache.shape
+    row = kvh * d
+    assert layer_cache.stride()[1:] == (row, d, 1) and layer_cache.stride(0) % row == 0
+    n_rows = (nb - 1) * (layer_cache.stride(0) // row) + bs
+    return layer_cache.as_strided((n_rows, kvh, d), (row, d, 1))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # transformers' LlamaRMSNorm arithmetic, op for op, so results match it bit for bit. (F.rms_norm gives
     # the same bits but is a composite op that costs more per call at decode sizes.)
@@ -190,8 +202,12 @@ class LlamaModel:
             def norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                 return rms_norm(x, weight, eps)
             cos3, sin3 = cos.unsqueeze(1), sin.unsqueeze(1)
+            # The cache writes go through a flat, row-contiguous view of each layer's cache (one row: one
+            # token's kv heads) with one index per new token, the same for every layer: a plain index_copy_,
+            # where advanced indexing of the strided 4-d view costs more.
             bsz = k_cache.shape[2]
-            slot_at = (slots // bsz, slots % bsz)
+            block_rows = k_cache.stride(0) // (KVH * D)
+            cache_rows = (slots // bsz) * block_rows + slots % bsz
         x = F.embedding(input_ids, self.w.embed)
         if fused is not None and self.fuse_decode_layers and not meta.prefills and not self.extra_biases:
             # Decode-only step: the whole layer loop in C++ (same ops, no Python per-op overhead).
@@ -212,8 +228,8 @@ class LlamaModel:
                 qk = qk * cos3 + qk.roll(half, -1) * sin3
                 q = qk[:, :H]
                 k = qk[:, H:]
-                kc.index_put_(slot_at, k)   # block-major cache: a layer's blocks are strided apart
-                vc.index_put_(slot_at, v)
+                _cache_rows(kc).index_copy_(0, cache_rows, k)
+                _cache_rows(vc).index_copy_(0, cache_rows, v)
             attn = self._attention(q, k, v, kc, vc, meta)
             x.add_(linear(attn.reshape(T, H * D), lw.o, lw.o_bias))
             h = norm(x, lw.post_norm)
