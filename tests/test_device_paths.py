@@ -273,3 +273,21 @@ def test_kv_cache_is_sized_from_gpu_memory_utilization(tiny_llama_dir):
     torch.cuda.empty_cache()
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         LLM(model=str(tiny_llama_dir), device="cuda", gpu_memory_utilization=1e-6)
+
+
+# --------------------------------------------------------------------------- host-side speed, same results
+def test_fast_decode_gives_transformers_text(tiny_llama_dir):
+    """Tokenizer.decode goes to the Rust tokenizer directly when transformers would add no clean-up pass: the
+    text must be what transformers' decode gives, special tokens skipped or not, for the bundled SmolLM2
+    tokenizer (byte-level BPE: partial UTF-8 sequences, spaces) and a word-level one."""
+    from tokenyard.model.loader import resolve_model
+    from tokenyard.model.tokenizer import Tokenizer
+
+    rng = random.Random(0)
+    for path in (resolve_model(None).hf_dir, tiny_llama_dir):
+        tok = Tokenizer(path)
+        assert tok._raw_decode is not None
+        for _ in range(200):
+            ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 12))]
+            for skip in (True, False):
+                assert tok.decode(ids, skip) == tok._tok.decode(ids, skip_special_tokens=skip)

@@ -710,7 +710,7 @@ def test_engine_flags_have_help_and_choices():
 
     text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
     assert "EngineConfig." not in text and "(default: None)" not in text
-    for choices in ("{fcfs,priority,vtc,vtc+priority}", "{recompute,swap}", "{float32,bfloat16,float16}"):
+    for choices in ("{fcfs,priority,vtc,vtc+priority}", "{recompute,swap}", "{auto,float32,bfloat16,float16}"):
         assert choices in text
     assert all(f.metadata.get("help") for f in dataclasses.fields(EngineConfig))
     with pytest.raises(SystemExit):
