@@ -9,6 +9,18 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Without a GPU, Triton kernels can only run in Triton's interpreter, and Triton reads this when it is first
+# imported (other libraries may import it before the device-path tests do).
+if not _cuda_visible():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 TINY_VOCAB = 256
 
 
