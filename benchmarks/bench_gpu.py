@@ -23,11 +23,15 @@ import json
 import platform
 import random
 import statistics
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import StaticBatchGenerator, tokenyard_single_stream  # noqa: E402
 
 PRESETS = {
     # ~1.1B parameters: the shape of Llama-3.2-1B with a 32k vocabulary (what the CUDA issue measured).
@@ -162,15 +166,7 @@ def run_tokenyard(args, model_dir: Path, prompts, single_prompt) -> tuple[dict, 
     llm.generate([p[:64] for p in prompts[:4]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     sync(args.device)
 
-    # Single stream.
-    engine.add_request(single_prompt, params)
-    start = time.perf_counter()
-    stamps = []
-    while engine.has_unfinished_requests():
-        if engine.step():
-            stamps.append(time.perf_counter())
-    single = {"ttft_s": stamps[0] - start, "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
-              "tokens": len(stamps)}
+    single = tokenyard_single_stream(engine, single_prompt, params)
 
     # Offline throughput: every request arrives at once.
     prof = StepProfile(engine, args.device)
@@ -239,33 +235,9 @@ def run_transformers(args, model_dir: Path, prompts, single_prompt, tokenyard_ou
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, args.dtype)).to(args.device)
     model.eval()
-    model.generation_config.eos_token_id = None
     load_s = time.perf_counter() - t0
-    pad = 0
-
-    batch_outputs: list[list[int]] = []   # the first batch's tokens, for transformers' own agreement
-
-    def generate(batch: list[list[int]], max_new: int, keep: bool = False) -> int:
-        width = max(map(len, batch))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=args.device)   # left padding
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=args.device)
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
-                                 pad_token_id=pad, eos_token_id=None, temperature=None,
-                                 top_p=None, top_k=None)
-        sync(args.device)
-        if keep:
-            batch_outputs.extend(out[:, width:].tolist())
-        return (out.shape[1] - width) * len(batch)
-
-    generate([single_prompt[:32]], 4)  # warm-up
-    t = time.perf_counter()
-    generate([single_prompt], 1)
-    ttft = time.perf_counter() - t
-    t = time.perf_counter()
-    n = generate([single_prompt], args.output_len)
-    total = time.perf_counter() - t
-    single = {"ttft_s": ttft, "decode_tok_s": (n - 1) / max(total - ttft, 1e-9), "tokens": n}
+    hf = StaticBatchGenerator(model, args.device)
+    single = hf.single_stream(single_prompt, args.output_len)
 
     # Static batches one after another; a request's first token comes once its batch's prefill is done
     # (measured per batch with max_new_tokens=1, outside the timed run).
@@ -273,21 +245,25 @@ def run_transformers(args, model_dir: Path, prompts, single_prompt, tokenyard_ou
     prefill_s = []
     for b in batches:
         t = time.perf_counter()
-        generate(b, 1)
+        hf.generate(b, 1)
         prefill_s.append(time.perf_counter() - t)
     ttfts = []
     n_out = 0
+    batch_outputs: list[list[int]] = []   # the first batch's tokens, for transformers' own agreement
     start = time.perf_counter()
     for i, (b, pf) in enumerate(zip(batches, prefill_s)):
         ttfts += [time.perf_counter() - start + pf] * len(b)
-        n_out += generate(b, args.output_len, keep=i == 0)
+        outs = hf.generate(b, args.output_len)
+        n_out += sum(map(len, outs))
+        if i == 0:
+            batch_outputs = outs
     elapsed = time.perf_counter() - start
 
     # The same check of transformers' own batched (left-padded) outputs against its unpadded forward: how
     # much two correct bf16 computations of this model disagree, the floor for tokenyard's number.
     agreement = {"tokenyard": bf16_agreement(model, prompts, tokenyard_outputs, args),
                  "transformers_batched": bf16_agreement(model, prompts, batch_outputs, args)}
-    model = None   # free it before the caller goes on
+    hf = model = None   # free it before the caller goes on
     gc.collect()
     return {"load_s": load_s, "single": single,
             "throughput": {"elapsed_s": elapsed, "output_tokens": n_out, "output_tok_s": n_out / elapsed,

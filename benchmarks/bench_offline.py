@@ -16,10 +16,14 @@ import json
 import platform
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import StaticBatchGenerator, tokenyard_single_stream  # noqa: E402
 
 
 def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
@@ -52,16 +56,7 @@ def run_tokenyard(args, prompts, single_prompt) -> dict:
     llm.generate([single_prompt[:32]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
 
     # Single stream: time every step of one request.
-    engine.add_request(single_prompt, params)
-    t_start = time.perf_counter()
-    stamps = []
-    while engine.has_unfinished_requests():
-        if engine.step():
-            stamps.append(time.perf_counter())
-    single = {
-        "ttft_s": stamps[0] - t_start,
-        "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
-    }
+    single = tokenyard_single_stream(engine, single_prompt, params)
 
     # Offline throughput, with a per-step time breakdown.
     step_times = []
@@ -90,32 +85,14 @@ def run_transformers(args, prompts, single_prompt, hf_dir) -> dict:
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     model.eval()
-    model.generation_config.eos_token_id = None
     load_s = time.perf_counter() - t0
-    pad = 0
-
-    def generate(batch: list[list[int]], max_new: int) -> int:
-        width = max(map(len, batch))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])           # left padding
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
-                                 pad_token_id=pad, temperature=None, top_p=None, top_k=None)
-        return (out.shape[1] - width) * len(batch)
-
-    generate([single_prompt[:32]], 4)  # warm-up
-    t = time.perf_counter()
-    generate([single_prompt], 1)
-    ttft = time.perf_counter() - t
-    t = time.perf_counter()
-    n = generate([single_prompt], args.output_len)
-    total = time.perf_counter() - t
-    single = {"ttft_s": ttft, "decode_tok_s": (n - 1) / max(total - ttft, 1e-9)}
+    hf = StaticBatchGenerator(model)
+    single = hf.single_stream(single_prompt, args.output_len)
 
     t = time.perf_counter()
     n_out = 0
     for i in range(0, len(prompts), args.hf_batch_size):
-        n_out += generate(prompts[i:i + args.hf_batch_size], args.output_len)
+        n_out += sum(map(len, hf.generate(prompts[i:i + args.hf_batch_size], args.output_len)))
     elapsed = time.perf_counter() - t
     return {
         "load_s": load_s,

@@ -11,12 +11,8 @@
 # 2. The throughput comparison: a random-weight ~1B Llama in bf16, 256 requests (prompts 128-1024, 256 output
 #    tokens, EOS ignored), tokenyard vs transformers generate in static batches of 64; single stream; TTFT;
 #    per-step time breakdown; bf16 agreement (teacher-forced) on that model. JSON: $OUT/gpu.json.
-set -uo pipefail
-cd "$(dirname "$0")/../.."
-OUT="${OUT:-benchmarks/results/gpu}"
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-PY="${PYTHON:-python3}"
+# shellcheck source=benchmarks/gpu/env.sh
+. "$(dirname "$0")/env.sh"
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,

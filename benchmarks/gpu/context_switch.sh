@@ -17,12 +17,8 @@
 #    groups + reuse (copies before the forward pass) vs all of FastSwitch (overlap on: side stream, pinned
 #    memory, an event per transfer). FastSwitch's goal: >= 1.4x better P99 TTFT and >= 3x better P99.9 TBT
 #    than synchronous per-block swap.
-set -uo pipefail
-cd "$(dirname "$0")/../.."
-OUT="${OUT:-benchmarks/results/gpu}"
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-PY="${PYTHON:-python3}"
+# shellcheck source=benchmarks/gpu/env.sh
+. "$(dirname "$0")/env.sh"
 if [ -d .gpucarry/whl ]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .gpucarry/whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
