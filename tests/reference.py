@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -11,6 +12,9 @@ import torch
 def hf_model(path: str):
     from transformers import AutoModelForCausalLM
 
+    from tokenyard.model.loader import ensure_hf_weights
+
+    ensure_hf_weights(Path(path))   # a converted GGUF keeps only its quantized file until fp32 is asked for
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.eval()
     model.generation_config.eos_token_id = None  # the reference runs to max_new_tokens

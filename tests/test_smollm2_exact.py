@@ -1,7 +1,8 @@
 """The real bundled SmolLM2-135M-Instruct: tokenyard's greedy tokens equal transformers' on the same weights.
 
-transformers loads the directory tokenyard converted the GGUF into (dequantized fp32 weights), so both
-run exactly the same numbers.
+transformers loads the directory tokenyard converted the GGUF into (with its weights dequantized to fp32), so
+both run exactly the same numbers: these tests run tokenyard with ``quantization="none"``. The quantized
+default (the GGUF's own 4-bit blocks) is tests/test_quant.py's.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(max_num_batched_tokens=32, check_invariants=True, kv_cache_memory_gb=0.25)
+    return LLM(max_num_batched_tokens=32, check_invariants=True, kv_cache_memory_gb=0.25, quantization="none")
 
 
 def test_bundled_model_matches_transformers(llm):

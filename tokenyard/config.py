@@ -53,6 +53,9 @@ class EngineConfig:
     device: str | None = _opt(None, "cpu or cuda (default: cuda if available)")
     dtype: str = _opt("auto", "weights and KV cache dtype; auto: bfloat16 on CUDA, float32 on CPU (half "
                       "precision is slow on CPUs without AMX)", ("auto", "float32", "bfloat16", "float16"))
+    quantization: str = _opt("auto", "CPU weights: auto keeps a GGUF's Q4_1/Q8_0 blocks as they are (an HF "
+                             "directory stays in its dtype); int8 / q4 quantize linear weights at load (q8_0 / "
+                             "q4_1 blocks of 32, the embedding q8_0); none runs fp32", ("auto", "none", "int8", "q4"))
     num_threads: int | None = _opt(None, "torch CPU threads (default: torch's)")
     check_invariants: bool = _opt(False, "run the scheduler/KV integrity check after every step (tests; slower)")
 
@@ -80,6 +83,8 @@ class EngineConfig:
             self.swap_overlap = "on" if self.swap_overlap else "off"
         if self.swap_overlap not in ("auto", "on", "off"):
             raise ValueError(f"swap_overlap must be 'auto', 'on' or 'off', got {self.swap_overlap!r}")
+        if self.quantization not in ("auto", "none", "int8", "q4"):
+            raise ValueError(f"quantization must be auto, none, int8 or q4, got {self.quantization!r}")
         if self.preemption_mode not in ("recompute", "swap"):
             raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
         check_policy_name(self.scheduling_policy)

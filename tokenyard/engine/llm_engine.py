@@ -52,6 +52,27 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     return name
 
 
+def resolve_quantization(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Block-quantized weights run on CPU with fp32 activations, through the C++ extension: ``auto`` falls
+    back to ``none`` elsewhere; an explicit ``int8`` / ``q4`` there is a ValueError naming the reason."""
+    from tokenyard.model.paged_attention import load_kernel
+
+    if name == "none":
+        return name
+    why = None
+    if device.type != "cpu":
+        why = f"it runs on CPU, not {device.type} (use --dtype bfloat16 there)"
+    elif dtype != torch.float32:
+        why = "it computes in float32 (use --dtype float32 or auto)"
+    elif load_kernel() is None:
+        why = "its kernels are in the C++ extension, which could not be built here (see the log)"
+    if why is None:
+        return name
+    if name == "auto":
+        return "none"
+    raise ValueError(f"quantization {name!r}: {why}")
+
+
 def check_max_tokens(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
     """The prompt and its output must fit the context window (InvalidParameterError naming max_tokens)."""
     if num_prompt_tokens + max_tokens > max_model_len:
@@ -104,7 +125,9 @@ class LLMEngine:
         device = _device(config.device)
         dtype = _DTYPES[resolve_dtype(config.dtype, device)]
         per_block = KVStore.bytes_per_block(mc, config.block_size, dtype)
-        self.runner = ModelRunner(mc, load_state_dict(resolved.hf_dir), block_size=config.block_size,
+        self.quantization = resolve_quantization(config.quantization, device, dtype)
+        state = load_state_dict(resolved.hf_dir, self.quantization)
+        self.runner = ModelRunner(mc, state, block_size=config.block_size,
                                   max_model_len=self.max_model_len, device=device, dtype=dtype)
         if config.num_kv_blocks:
             num_blocks = config.num_kv_blocks

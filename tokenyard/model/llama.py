@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from tokenyard.model import quant
 from tokenyard.model.config import ModelConfig
 from tokenyard.model.paged_attention import decode_attention, decode_backend, load_kernel
+from tokenyard.model.quant import QuantWeight
 
 _CUDA_PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -67,13 +69,23 @@ class LlamaWeights:
                  device: torch.device) -> None:
         used: set[str] = set()
 
-        def get(name: str) -> torch.Tensor:
+        def get(name: str):
             try:
                 t = state[name]
             except KeyError:
                 raise ValueError(f"model: weight {name!r} missing from checkpoint") from None
             used.add(name)
+            if isinstance(t, QuantWeight):   # kept as blocks: CPU, fp32 activations (checked by the engine)
+                return t
             return t.to(device=device, dtype=dtype).contiguous()
+
+        def fuse(parts):
+            """Fused projections: quantized parts stack as blocks; a mix is dequantized."""
+            if all(isinstance(p, QuantWeight) for p in parts):
+                return QuantWeight.cat(parts)
+            return torch.cat([p.dequantize() if isinstance(p, QuantWeight) else p for p in parts])
+
+        self.dtype = dtype
 
         def maybe(name: str) -> torch.Tensor | None:
             return get(name) if name in state else None
@@ -97,11 +109,11 @@ class LlamaWeights:
                 down_bias = get(p + "mlp.down_proj.bias")
             self.layers.append(LayerWeights(
                 input_norm=get(p + "input_layernorm.weight"),
-                qkv=torch.cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
+                qkv=fuse([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
                 qkv_bias=qkv_bias,
                 o=get(p + "self_attn.o_proj.weight"),
                 post_norm=get(p + "post_attention_layernorm.weight"),
-                gate_up=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
+                gate_up=fuse([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
                 down=get(p + "mlp.down_proj.weight"),
                 o_bias=maybe(p + "self_attn.o_proj.bias"),
                 gate_up_bias=gate_up_bias,
@@ -160,12 +172,12 @@ class LlamaModel:
         self.w = weights
         self.device = device
         # Computed in fp32, then cast to the model's dtype, as transformers does (a no-op in fp32).
-        self.cos, self.sin = (t.to(weights.embed.dtype) for t in rope_tables(cfg, max_len, device))
+        self.cos, self.sin = (t.to(weights.dtype) for t in rope_tables(cfg, max_len, device))
         self.scale = cfg.head_dim ** -0.5
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.gqa = cfg.num_heads != cfg.num_kv_heads
-        self.set_attn_backend(decode_backend(device, weights.embed.dtype))
+        self.set_attn_backend(decode_backend(device, weights.dtype))
         self.fuse_decode_layers = True  # decode-only steps run the layer loop in C++ (when use_kernel)
         # The C++ layer loop knows the QKV bias only; o_proj and MLP biases take the Python loop.
         self.extra_biases = any(lw.has_extra_biases for lw in weights.layers)
@@ -197,7 +209,7 @@ class LlamaModel:
         cos = self.cos[positions]
         sin = self.sin[positions]
         slots = meta.slot_mapping
-        linear, silu = F.linear, F.silu
+        linear, silu = quant.linear, F.silu
         fused = load_kernel() if self.use_kernel else None
         if fused is not None:
             def norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -212,7 +224,7 @@ class LlamaModel:
             bsz = k_cache.shape[2]
             block_rows = k_cache.stride(0) // (KVH * D)
             cache_rows = (slots // bsz) * block_rows + slots % bsz
-        x = F.embedding(input_ids, self.w.embed)
+        x = quant.embedding(input_ids, self.w.embed)
         if fused is not None and self.fuse_decode_layers and not meta.prefills and not self.extra_biases:
             # Decode-only step: the whole layer loop in C++ (same ops, no Python per-op overhead).
             x = fused.decode_layers(x, self._flat_weights(), cos, sin, k_cache, v_cache, slots,
@@ -244,10 +256,17 @@ class LlamaModel:
         return linear(x, self.w.lm_head)
 
     def _flat_weights(self) -> list[torch.Tensor]:
+        """Per layer 15 tensors for the C++ layer loop: input norm, QKV (3), o (3), post norm, gate/up (3),
+        down (3), QKV bias. A linear weight is (W, empty, empty) in fp32, or (q, scales, mins-or-empty) when
+        block-quantized."""
         if self._flat is None:
-            empty = torch.empty(0, dtype=self.w.embed.dtype, device=self.device)
+            empty = torch.empty(0, dtype=self.w.dtype, device=self.device)
+
+            def lin(w) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                return w.parts() if isinstance(w, QuantWeight) else (w, empty, empty)
+
             self._flat = [t for lw in self.w.layers for t in (
-                lw.input_norm, lw.qkv, lw.o, lw.post_norm, lw.gate_up, lw.down,
+                lw.input_norm, *lin(lw.qkv), *lin(lw.o), lw.post_norm, *lin(lw.gate_up), *lin(lw.down),
                 lw.qkv_bias if lw.qkv_bias is not None else empty)]
         return self._flat
 

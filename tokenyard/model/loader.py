@@ -77,13 +77,71 @@ def read_hf_config(hf_dir: Path) -> dict:
         return json.load(f)
 
 
-def load_state_dict(hf_dir: Path) -> dict:
+QUANT_FILE = "quantized.safetensors"   # a converted GGUF's weights, quantized ones kept as blocks (model/quant.py)
+
+
+def load_state_dict(hf_dir: Path, quantization: str = "none") -> dict:
+    """Name -> tensor, or -> QuantWeight for linear weights kept or made quantized (``quantization``: auto keeps a
+    converted GGUF's Q4_1/Q8_0 blocks and leaves an HF directory in its dtype; int8 / q4 quantize the linear
+    weights at load; none gives fp32 everything)."""
     from safetensors.torch import load_file
 
-    state = {}
-    for f in sorted(hf_dir.glob("*.safetensors")):
-        state.update(load_file(str(f)))
+    from tokenyard.model import quant
+
+    qfile = hf_dir / QUANT_FILE
+    if qfile.is_file() and quantization != "none":
+        raw = load_file(str(qfile))
+        state: dict = {}
+        for key, t in raw.items():
+            if key.endswith(".q"):
+                base = key[:-2]
+                state[base] = quant.QuantWeight(t, raw[base + ".scales"], raw.get(base + ".mins"))
+            elif not key.endswith((".scales", ".mins")):
+                state[key] = t
+    else:
+        ensure_hf_weights(hf_dir)
+        state = {}
+        for f in sorted(hf_dir.glob("*.safetensors")):
+            if f.name != QUANT_FILE:
+                state.update(load_file(str(f)))
+    if quantization in ("int8", "q4"):
+        state = {k: _quantize_for(k, v, quantization) for k, v in state.items()}
     return state
+
+
+def _quantize_for(name: str, w, quantization: str):
+    """int8: every linear weight and the embedding to q8_0; q4: linear layers to q4_1, the embedding (often
+    the output layer too) to q8_0, as GGUF's Q4_1 files do. Norms and biases stay fp32."""
+    from tokenyard.model import quant
+
+    is_linear = name.endswith("_proj.weight") or name == "lm_head.weight"
+    if not (is_linear or name == "model.embed_tokens.weight"):
+        return w
+    kind = "q4_1" if quantization == "q4" and is_linear else "q8_0"
+    if isinstance(w, quant.QuantWeight):
+        if w.kind == kind:
+            return w
+        w = w.dequantize()
+    if w.dim() != 2 or w.shape[1] % quant.BLOCK:
+        return w
+    return quant.quantize(w, kind)
+
+
+def ensure_hf_weights(hf_dir: Path) -> None:
+    """A converted GGUF keeps only its quantized file; transformers and ``--quantization none`` need fp32
+    safetensors: written here from it once (about half a minute and the fp32 size on disk for SmolLM2)."""
+    qfile = hf_dir / QUANT_FILE
+    if not qfile.is_file() or any(f.name != QUANT_FILE for f in hf_dir.glob("*.safetensors")):
+        return
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    print(f"tokenyard: writing fp32 weights next to {qfile} (once) ...", file=sys.stderr, flush=True)
+    state = load_state_dict(hf_dir, "auto")
+    plain = {k: (v if isinstance(v, torch.Tensor) else v.dequantize()).contiguous() for k, v in state.items()}
+    tmp = hf_dir / ".model.safetensors.tmp"
+    save_torch(plain, str(tmp))
+    tmp.rename(hf_dir / "model.safetensors")
 
 
 # --------------------------------------------------------------------------- GGUF conversion
@@ -103,7 +161,7 @@ _GGUF_ARCH_TO_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2"}
 
 def _gguf_cache_dir(path: Path) -> Path:
     st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v1".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v2".encode()).hexdigest()[:16]
     return cache_root() / "gguf" / f"{path.stem}-{key}"
 
 
@@ -125,6 +183,12 @@ def gguf_to_hf_dir(path: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def torch_from_numpy(a: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def _field(reader, key: str, default=None):
@@ -183,10 +247,16 @@ def _convert_gguf(path: Path, out: Path) -> None:
     }
     ModelConfig.from_hf(config)  # validate before the slow part
 
+    from tokenyard.model import quant
+
     state: dict[str, np.ndarray] = {}
     for t in reader.tensors:
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        w = w.reshape([int(d) for d in reversed(t.shape)])
+        shape = [int(d) for d in reversed(t.shape)]
+        kept = t.tensor_type.name in ("Q4_1", "Q8_0") and len(shape) == 2
+        if kept:   # stays as its blocks: see model/quant.py
+            w = quant.from_gguf(t.data, t.tensor_type.name, *shape)
+        else:
+            w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
         name = t.name
         if name == "token_embd.weight":
             hf = "model.embed_tokens.weight"
@@ -200,11 +270,21 @@ def _convert_gguf(path: Path, out: Path) -> None:
                 continue  # e.g. rope_freqs: not used by the supported architectures
             hf = f"model.layers.{layer}.{_GGUF_NAMES[kind]}.{suffix}"
             if arch == "llama" and kind in ("attn_q", "attn_k"):
-                w = _unpermute(w, n_heads if kind == "attn_q" else n_kv)
+                heads = n_heads if kind == "attn_q" else n_kv
+                if kept:
+                    w = w.rows(torch_from_numpy(_unpermute(np.arange(shape[0]), heads)))
+                else:
+                    w = _unpermute(w, heads)
         else:
             continue
-        state[hf] = np.ascontiguousarray(w)
-    save_file(state, str(out / "model.safetensors"))
+        if kept:
+            state[hf + ".q"] = w.q.numpy()
+            state[hf + ".scales"] = w.scales.numpy()
+            if w.mins is not None:
+                state[hf + ".mins"] = w.mins.numpy()
+        else:
+            state[hf] = np.ascontiguousarray(w)
+    save_file(state, str(out / QUANT_FILE))
     with open(out / "config.json", "w") as f:
         json.dump(config, f, indent=2)
     _convert_gguf_tokenizer(path, out)

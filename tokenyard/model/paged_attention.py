@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
-_SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "quant_matmul.cpp")]
 
 
 def _cpu_flags() -> list[str]:
@@ -75,7 +75,7 @@ def load_kernel():
             if not any(build.glob("tokenyard_paged_attention*.so")):
                 print("tokenyard: compiling the paged-attention kernel (once; about a minute on 2 cores) ...",
                       file=sys.stderr, flush=True)
-            return load(name="tokenyard_paged_attention", sources=[str(_SOURCE)], extra_cflags=flags,
+            return load(name="tokenyard_paged_attention", sources=[str(p) for p in _SOURCES], extra_cflags=flags,
                         build_directory=str(build), verbose=False)
     except Exception as e:  # noqa: BLE001 - any build failure means: use the fallback
         log.warning("paged attention kernel unavailable (%s); using the PyTorch fallback", e)

@@ -192,32 +192,52 @@ std::vector<torch::Tensor> rope_and_cache(const torch::Tensor& qkv, const torch:
 // Every layer of a decode-only step in one call. The arithmetic is the same ATen ops (and the fused ops
 // above) that model/llama.py calls from Python, in the same order, so results are bit for bit equal; what
 // goes away is Python's per-op overhead, which at decode sizes is a good part of a step's non-GEMM time.
-// weights: 7 tensors per layer (input_norm, qkv, o, post_norm, gate_up, down, qkv_bias or an empty tensor).
+torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales,
+                           const torch::Tensor& mins, const c10::optional<torch::Tensor>& bias);
+
+// A linear layer given as three tensors: (W, empty, empty) in fp32, or (q, scales, mins) block-quantized.
+static torch::Tensor linear3(const torch::Tensor& x, const torch::Tensor* w,
+                             const torch::Tensor& bias = torch::Tensor()) {
+  const bool has_bias = bias.defined() && bias.numel();
+  if (w[1].numel()) return quant_linear(x, w[0], w[1], w[2], has_bias ? c10::optional<torch::Tensor>(bias) : c10::nullopt);
+  return has_bias ? at::linear(x, w[0], bias) : at::linear(x, w[0]);
+}
+
+// weights: 15 tensors per layer (see below).
 torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& weights, const torch::Tensor& cos,
                             const torch::Tensor& sin, torch::Tensor& k_cache, torch::Tensor& v_cache,
                             const torch::Tensor& slots, const torch::Tensor& block_tables,
                             const torch::Tensor& context_lens, int64_t heads, int64_t kv_heads, double eps,
                             double scale) {
-  const int64_t layers = static_cast<int64_t>(weights.size()) / 7;
+  // Per layer: input norm, QKV (3), o (3), post norm, gate/up (3), down (3), QKV bias (LlamaModel._flat_weights).
+  constexpr int64_t kPerLayer = 15;
+  const int64_t layers = static_cast<int64_t>(weights.size()) / kPerLayer;
   const int64_t T = x.size(0);
   for (int64_t l = 0; l < layers; ++l) {
-    const torch::Tensor* w = weights.data() + 7 * l;
+    const torch::Tensor* w = weights.data() + kPerLayer * l;
     torch::Tensor k_l = k_cache.select(1, l);   // caches: [num_blocks, layers, block_size, kv_heads, dim]
     torch::Tensor v_l = v_cache.select(1, l);
     torch::Tensor h = rms_norm_apply(x, x.pow(2).mean(-1, true), w[0], eps);
-    torch::Tensor qkv = w[6].numel() ? at::linear(h, w[1], w[6]) : at::linear(h, w[1]);
+    torch::Tensor qkv = linear3(h, w + 1, w[14]);
     std::vector<torch::Tensor> qk = rope_and_cache(qkv, cos, sin, k_l, v_l, slots, heads, kv_heads);
     torch::Tensor attn = paged_decode_attention(qk[0], k_l, v_l, block_tables, context_lens, scale);
-    x.add_(at::linear(attn.reshape({T, -1}), w[2]));
-    h = rms_norm_apply(x, x.pow(2).mean(-1, true), w[3], eps);
-    torch::Tensor gate_up = at::linear(h, w[4]);
+    x.add_(linear3(attn.reshape({T, -1}), w + 4));
+    h = rms_norm_apply(x, x.pow(2).mean(-1, true), w[7], eps);
+    torch::Tensor gate_up = linear3(h, w + 8);
     const int64_t inter = gate_up.size(1) / 2;
-    x.add_(at::linear(at::silu(gate_up.slice(1, 0, inter)).mul_(gate_up.slice(1, inter)), w[5]));
+    x.add_(linear3(at::silu(gate_up.slice(1, 0, inter)).mul_(gate_up.slice(1, inter)), w + 11));
   }
   return x;
 }
 
+// Block-quantized linear layers (quant_matmul.cpp, compiled into the same module).
+torch::Tensor quant_dequantize(const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& mins);
+std::string quant_isa();
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quant_linear", &quant_linear, "x @ W.T for a block-quantized W (q4_1 or q8_0), plus an optional bias");
+  m.def("quant_dequantize", &quant_dequantize, "the fp32 matrix of a block-quantized weight");
+  m.def("quant_isa", &quant_isa, "the instruction set quant_linear runs with here");
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
   m.def("rms_norm_apply", &rms_norm_apply, "RMSNorm scaling, given the mean of squares");
   m.def("rope_and_cache", &rope_and_cache, "RoPE on q and k; k and v written to their cache slots");
