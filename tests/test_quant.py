@@ -25,10 +25,15 @@ def _random_quant(kind: str, n: int, k: int, seed: int) -> quant.QuantWeight:
     return quant.quantize(w, kind)
 
 
+@pytest.mark.parametrize("isa", ["best", "avx2", "scalar"])
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17, 100])   # register path (<= 16 rows, groups of 4), GEMM path
-@pytest.mark.parametrize("n,k", [(96, 64), (200, 576)])
-def test_quant_linear_matches_dequantize_then_matmul(kind, rows, n, k):
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 17, 300])   # tiles of 4 rows and leftovers; 300: two row chunks
+@pytest.mark.parametrize("n,k", [(6, 64), (202, 576)])     # weight rows in fours and leftovers
+def test_quant_linear_matches_dequantize_then_matmul(isa, kind, rows, n, k, monkeypatch):
+    if isa != "best":
+        monkeypatch.setenv("TOKENYARD_QUANT_ISA", isa)
+        if kernel.quant_isa() != isa:
+            pytest.skip(f"this CPU has no {isa} path")
     w = _random_quant(kind, n, k, seed=rows + n)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
     bias = torch.randn(n)

@@ -6,13 +6,14 @@
 //   q8_0: q int8 [N, K]; scales fp32 [N, K/32]; weight = scale * q.
 //
 // A decode step multiplies a few rows of activations by every weight once, so it is bound by reading weights:
-// 4.5 bits a weight instead of 32 is the whole point. For up to kDirectRows rows the kernel dequantizes each
-// block in registers (AVX-512 or AVX2, chosen at run time; a scalar loop otherwise) and uses it for every row.
-// For more rows (prefill) the work is compute-bound: each thread dequantizes a slab of weight rows into an
-// L2-sized fp32 buffer and multiplies it with ATen's GEMM.
+// 5 bits a weight (q4_1 with its scale and min) instead of 32 is the point. Each thread takes four weight rows
+// at a time, dequantizes them once into an L1-resident fp32 buffer (AVX-512 or AVX2, chosen at run time; a
+// scalar loop otherwise), and multiplies them with the activations in register tiles (4 x 4 with AVX-512,
+// 2 x 4 with AVX2), activations in chunks of 256 rows that stay in L2. On the 2-core AMD EPYC this was written
+// on, that beats ATen's fp32 GEMM at every batch size measured, 1 to 512 rows, even with the fp32 weights in cache.
 //
-// Arithmetic: per block, scale * sum(q * x) + min * sum(x), in fp32 — the same value as dequantizing to fp32 and
-// taking the dot product, up to the order of the additions.
+// Arithmetic: weight = scale * q (+ min) in fp32, then fp32 dot products: dequantize-then-matmul, summed in
+// another order.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -24,8 +25,7 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
-constexpr int64_t kDirectRows = 16;   // up to this many activation rows: dequantize in registers
-constexpr int64_t kRowGroup = 4;      // activation rows sharing one dequantized block
+constexpr int64_t kRowChunk = 256;   // activation rows per pass over the weights (kept in L2)
 
 enum class Kind { Q4_1, Q8_0 };
 
@@ -57,7 +57,7 @@ void dequant_row_scalar(const Weights& w, int64_t row, float* out) {
   }
 }
 
-void rows_scalar(const Weights& w, const float* x, const float* xsum, int64_t rows, int64_t n0, int64_t n1,
+void rows_scalar(const Weights& w, const float* x, int64_t rows, int64_t n0, int64_t n1,
                  float* y, int64_t ldy) {
   std::vector<float> wrow(w.k);
   for (int64_t n = n0; n < n1; ++n) {
@@ -68,7 +68,6 @@ void rows_scalar(const Weights& w, const float* x, const float* xsum, int64_t ro
       y[r * ldy + n] = acc;
     }
   }
-  (void)xsum;
 }
 
 // ------------------------------------------------------------------------------------------ AVX-512
@@ -86,35 +85,70 @@ inline void block512(const Weights& w, const uint8_t* q, int64_t b, __m512& lo, 
   }
 }
 
+// Four weight rows at a time: their blocks are dequantized once into an L1-resident fp32 buffer, then the
+// activations take their dot products from there in 4 x 4 tiles (16 accumulators: each load feeds four FMAs).
 __attribute__((target("avx512f,avx512bw,avx512vl")))
-void rows_avx512(const Weights& w, const float* x, const float* xsum, int64_t rows, int64_t n0, int64_t n1,
+inline void dequant_row512(const Weights& w, int64_t n, float* out) {
+  const uint8_t* q = w.q + n * w.row_bytes;
+  const float* sc = w.scales + n * w.nb;
+  for (int64_t b = 0; b < w.nb; ++b) {
+    __m512 lo, hi;
+    block512(w, q, b, lo, hi);
+    const __m512 d = _mm512_set1_ps(sc[b]);
+    if (w.kind == Kind::Q4_1) {
+      const __m512 m = _mm512_set1_ps(w.mins[n * w.nb + b]);
+      lo = _mm512_fmadd_ps(lo, d, m);
+      hi = _mm512_fmadd_ps(hi, d, m);
+    } else {
+      lo = _mm512_mul_ps(lo, d);
+      hi = _mm512_mul_ps(hi, d);
+    }
+    _mm512_storeu_ps(out + b * kBlock, lo);
+    _mm512_storeu_ps(out + b * kBlock + 16, hi);
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void rows_avx512(const Weights& w, const float* x, int64_t rows, int64_t n0, int64_t n1,
                  float* y, int64_t ldy) {
-  for (int64_t r0 = 0; r0 < rows; r0 += kRowGroup) {
-    const int64_t R = std::min(kRowGroup, rows - r0);
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* q = w.q + n * w.row_bytes;
-      const float* sc = w.scales + n * w.nb;
-      __m512 acc[kRowGroup];
-      for (int r = 0; r < kRowGroup; ++r) acc[r] = _mm512_setzero_ps();
-      for (int64_t b = 0; b < w.nb; ++b) {
-        __m512 lo, hi;
-        block512(w, q, b, lo, hi);
-        const __m512 d = _mm512_set1_ps(sc[b]);
-        for (int64_t r = 0; r < R; ++r) {
-          const float* xr = x + (r0 + r) * w.k + b * kBlock;
-          __m512 t = _mm512_mul_ps(lo, _mm512_loadu_ps(xr));
-          t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + 16), t);
-          acc[r] = _mm512_fmadd_ps(t, d, acc[r]);
+  const int64_t K = w.k;
+  std::vector<float> buf(4 * K);
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int64_t NR = std::min<int64_t>(4, n1 - n);
+    for (int64_t j = 0; j < NR; ++j) dequant_row512(w, n + j, buf.data() + j * K);
+    const float* w0 = buf.data();
+    const float* w1 = w0 + K;
+    const float* w2 = w1 + K;
+    const float* w3 = w2 + K;
+    int64_t r = 0;
+    if (NR == 4) {
+      for (; r + 4 <= rows; r += 4) {
+        const float* x0 = x + r * K;
+        const float* x1 = x0 + K;
+        const float* x2 = x1 + K;
+        const float* x3 = x2 + K;
+        __m512 a[4][4];
+        for (auto& row : a)
+          for (auto& v : row) v = _mm512_setzero_ps();
+        for (int64_t i = 0; i < K; i += 16) {
+          const __m512 wv[4] = {_mm512_loadu_ps(w0 + i), _mm512_loadu_ps(w1 + i), _mm512_loadu_ps(w2 + i),
+                                _mm512_loadu_ps(w3 + i)};
+          const __m512 xv[4] = {_mm512_loadu_ps(x0 + i), _mm512_loadu_ps(x1 + i), _mm512_loadu_ps(x2 + i),
+                                _mm512_loadu_ps(x3 + i)};
+          for (int rr = 0; rr < 4; ++rr)
+            for (int jj = 0; jj < 4; ++jj) a[rr][jj] = _mm512_fmadd_ps(wv[jj], xv[rr], a[rr][jj]);
         }
+        for (int rr = 0; rr < 4; ++rr)
+          for (int jj = 0; jj < 4; ++jj) y[(r + rr) * ldy + n + jj] = _mm512_reduce_add_ps(a[rr][jj]);
       }
-      for (int64_t r = 0; r < R; ++r) {
-        float s = _mm512_reduce_add_ps(acc[r]);
-        if (w.kind == Kind::Q4_1) {
-          const float* mn = w.mins + n * w.nb;
-          const float* xs = xsum + (r0 + r) * w.nb;
-          for (int64_t b = 0; b < w.nb; ++b) s += mn[b] * xs[b];
-        }
-        y[(r0 + r) * ldy + n] = s;
+    }
+    for (; r < rows; ++r) {   // leftover activation rows (and every row when fewer than 4 weight rows are left)
+      const float* xr = x + r * K;
+      for (int64_t j = 0; j < NR; ++j) {
+        const float* wr = buf.data() + j * K;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < K; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(wr + i), _mm512_loadu_ps(xr + i), acc);
+        y[r * ldy + n + j] = _mm512_reduce_add_ps(acc);
       }
     }
   }
@@ -130,65 +164,87 @@ inline float hsum256(__m256 v) {
 }
 
 __attribute__((target("avx2,fma")))
-void rows_avx2(const Weights& w, const float* x, const float* xsum, int64_t rows, int64_t n0, int64_t n1,
-               float* y, int64_t ldy) {
+inline void dequant_row256(const Weights& w, int64_t n, float* out) {
+  const uint8_t* q = w.q + n * w.row_bytes;
+  const float* sc = w.scales + n * w.nb;
   const __m128i mask = _mm_set1_epi8(0x0F);
-  for (int64_t r0 = 0; r0 < rows; r0 += kRowGroup) {
-    const int64_t R = std::min(kRowGroup, rows - r0);
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* q = w.q + n * w.row_bytes;
-      const float* sc = w.scales + n * w.nb;
-      __m256 acc[kRowGroup];
-      for (int r = 0; r < kRowGroup; ++r) acc[r] = _mm256_setzero_ps();
-      for (int64_t b = 0; b < w.nb; ++b) {
-        __m256 v[4];   // the block's 32 weights (as integers), 8 at a time
-        if (w.kind == Kind::Q4_1) {
-          const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16));
-          const __m128i lo = _mm_and_si128(raw, mask);
-          const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-          v[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-          v[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-          v[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-          v[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-        } else {
-          const int8_t* p = reinterpret_cast<const int8_t*>(q) + b * kBlock;
-          for (int j = 0; j < 4; ++j)
-            v[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * j))));
+  for (int64_t b = 0; b < w.nb; ++b) {
+    __m256 v[4];   // the block's 32 weights (as integers), 8 at a time
+    if (w.kind == Kind::Q4_1) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16));
+      const __m128i lo = _mm_and_si128(raw, mask);
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+      v[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+      v[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+      v[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+      v[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+    } else {
+      const int8_t* p = reinterpret_cast<const int8_t*>(q) + b * kBlock;
+      for (int j = 0; j < 4; ++j)
+        v[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * j))));
+    }
+    const __m256 d = _mm256_set1_ps(sc[b]);
+    const __m256 m = w.kind == Kind::Q4_1 ? _mm256_set1_ps(w.mins[n * w.nb + b]) : _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(out + b * kBlock + 8 * j, _mm256_fmadd_ps(v[j], d, m));
+  }
+}
+
+// As the AVX-512 path, with 2 weight rows x 4 activation rows per tile (AVX2 has 16 vector registers).
+__attribute__((target("avx2,fma")))
+void rows_avx2(const Weights& w, const float* x, int64_t rows, int64_t n0, int64_t n1,
+               float* y, int64_t ldy) {
+  const int64_t K = w.k;
+  std::vector<float> buf(2 * K);
+  for (int64_t n = n0; n < n1; n += 2) {
+    const int64_t NR = std::min<int64_t>(2, n1 - n);
+    for (int64_t j = 0; j < NR; ++j) dequant_row256(w, n + j, buf.data() + j * K);
+    const float* w0 = buf.data();
+    const float* w1 = w0 + K;
+    int64_t r = 0;
+    if (NR == 2) {
+      for (; r + 4 <= rows; r += 4) {
+        const float* xs[4] = {x + r * K, x + (r + 1) * K, x + (r + 2) * K, x + (r + 3) * K};
+        __m256 a[4][2];
+        for (auto& row : a) row[0] = row[1] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < K; i += 8) {
+          const __m256 wa = _mm256_loadu_ps(w0 + i), wb = _mm256_loadu_ps(w1 + i);
+          for (int rr = 0; rr < 4; ++rr) {
+            const __m256 xv = _mm256_loadu_ps(xs[rr] + i);
+            a[rr][0] = _mm256_fmadd_ps(wa, xv, a[rr][0]);
+            a[rr][1] = _mm256_fmadd_ps(wb, xv, a[rr][1]);
+          }
         }
-        const __m256 d = _mm256_set1_ps(sc[b]);
-        for (int64_t r = 0; r < R; ++r) {
-          const float* xr = x + (r0 + r) * w.k + b * kBlock;
-          __m256 t = _mm256_mul_ps(v[0], _mm256_loadu_ps(xr));
-          t = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xr + 8), t);
-          t = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(xr + 16), t);
-          t = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xr + 24), t);
-          acc[r] = _mm256_fmadd_ps(t, d, acc[r]);
+        for (int rr = 0; rr < 4; ++rr) {
+          y[(r + rr) * ldy + n] = hsum256(a[rr][0]);
+          y[(r + rr) * ldy + n + 1] = hsum256(a[rr][1]);
         }
       }
-      for (int64_t r = 0; r < R; ++r) {
-        float s = hsum256(acc[r]);
-        if (w.kind == Kind::Q4_1) {
-          const float* mn = w.mins + n * w.nb;
-          const float* xs = xsum + (r0 + r) * w.nb;
-          for (int64_t b = 0; b < w.nb; ++b) s += mn[b] * xs[b];
-        }
-        y[(r0 + r) * ldy + n] = s;
+    }
+    for (; r < rows; ++r) {
+      const float* xr = x + r * K;
+      for (int64_t j = 0; j < NR; ++j) {
+        const float* wr = buf.data() + j * K;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < K; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(wr + i), _mm256_loadu_ps(xr + i), acc);
+        y[r * ldy + n + j] = hsum256(acc);
       }
     }
   }
 }
 
-using RowsFn = void (*)(const Weights&, const float*, const float*, int64_t, int64_t, int64_t, float*, int64_t);
+using RowsFn = void (*)(const Weights&, const float*, int64_t, int64_t, int64_t, float*, int64_t);
 
+// The best path this CPU has; TOKENYARD_QUANT_ISA=avx2|scalar asks for a lesser one (the tests run each).
 RowsFn pick_rows_fn() {
-  static const RowsFn fn = [] {
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl"))
-      return &rows_avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &rows_avx2;
-    return &rows_scalar;
-  }();
-  return fn;
+  const char* want = std::getenv("TOKENYARD_QUANT_ISA");
+  const std::string ask = want ? want : "";
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (ask == "scalar") return &rows_scalar;
+  if (avx512 && ask != "avx2") return &rows_avx512;
+  if (avx2) return &rows_avx2;
+  return &rows_scalar;
 }
 
 Weights describe(const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& mins) {
@@ -238,30 +294,12 @@ torch::Tensor quant_linear(const torch::Tensor& x_in, const torch::Tensor& q, co
   auto y = torch::empty({T, w.n}, torch::kFloat32);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  if (T <= kDirectRows) {
-    std::vector<float> xsum(T * w.nb, 0.f);   // per block sums of x: the min term of q4_1
-    if (w.kind == Kind::Q4_1)
-      for (int64_t r = 0; r < T; ++r)
-        for (int64_t b = 0; b < w.nb; ++b) {
-          float s = 0.f;
-          for (int64_t j = 0; j < kBlock; ++j) s += xp[r * w.k + b * kBlock + j];
-          xsum[r * w.nb + b] = s;
-        }
-    const RowsFn fn = pick_rows_fn();
-    at::parallel_for(0, w.n, 16, [&](int64_t n0, int64_t n1) { fn(w, xp, xsum.data(), T, n0, n1, yp, w.n); });
-  } else {
-    // Each thread: a slab of weight rows dequantized into its own buffer, then one GEMM for the slab.
-    const int64_t slab = std::max<int64_t>(16, (256 * 1024 / 4) / w.k);   // ~256 KB of fp32 weights
-    const bool inference = c10::InferenceMode::is_enabled();
-    at::parallel_for(0, (w.n + slab - 1) / slab, 1, [&](int64_t s0, int64_t s1) {
-      c10::InferenceMode guard(inference);   // worker threads do not inherit the caller's mode
-      auto buf = torch::empty({slab, w.k}, torch::kFloat32);
-      for (int64_t s = s0; s < s1; ++s) {
-        const int64_t n0 = s * slab, rows = std::min(slab, w.n - n0);
-        float* bp = buf.data_ptr<float>();
-        for (int64_t n = 0; n < rows; ++n) dequant_row_scalar(w, n0 + n, bp + n * w.k);
-        y.narrow(1, n0, rows).copy_(at::mm(x, buf.narrow(0, 0, rows).t()));
-      }
+  const RowsFn fn = pick_rows_fn();
+  // Activation rows in chunks that stay in L2 while every weight row passes over them.
+  for (int64_t r0 = 0; r0 < T; r0 += kRowChunk) {
+    const int64_t rows = std::min(kRowChunk, T - r0);
+    at::parallel_for(0, (w.n + 3) / 4, 4, [&](int64_t g0, int64_t g1) {
+      fn(w, xp + r0 * w.k, rows, 4 * g0, std::min(w.n, 4 * g1), yp + r0 * w.n, w.n);
     });
   }
   if (bias.has_value() && bias->defined()) y.add_(*bias);
