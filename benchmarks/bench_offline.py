@@ -121,9 +121,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from tokenyard.model.config import ModelConfig
-    from tokenyard.model.loader import read_hf_config, resolve_model
+    from tokenyard.model.loader import ensure_hf_weights, read_hf_config, resolve_model
 
     hf_dir = resolve_model(args.model).hf_dir
+    ensure_hf_weights(hf_dir)
     vocab = ModelConfig.from_hf(read_hf_config(hf_dir)).vocab_size
     prompts = make_prompts(args.num_requests, args.min_input_len, args.max_input_len, vocab, args.seed)
     single_prompt = make_prompts(1, args.single_input_len, args.single_input_len, vocab, args.seed + 1)[0]

@@ -35,7 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tokenyard.model.loader import resolve_model
+from tokenyard.model.loader import ensure_hf_weights, resolve_model
 
 _DONE = object()
 
@@ -313,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     resolved = resolve_model(args.model)
+    ensure_hf_weights(resolved.hf_dir)   # a converted GGUF keeps only its quantized blocks until asked
     tok = AutoTokenizer.from_pretrained(str(resolved.hf_dir))
     model = AutoModelForCausalLM.from_pretrained(str(resolved.hf_dir), dtype=torch.float32).to(args.device)
     model.eval()
