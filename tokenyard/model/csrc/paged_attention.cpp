@@ -8,7 +8,12 @@
 #include <algorithm>
 #include <cstring>
 #include <cmath>
+#include <functional>
 #include <vector>
+
+// The kernels' parallel loops run on tokenyard's own thread pool (thread_pool.cpp says why).
+void tokenyard_parallel_for(int64_t begin, int64_t end, int64_t grain,
+                            const std::function<void(int64_t, int64_t)>& fn);
 
 // The KV cache is block-major ([num_blocks, layers, 2, block_size, kv_heads, dim], see engine/kv_store.py): one
 // layer's keys are a view whose blocks lie block_stride floats apart, each block's rows contiguous.
@@ -48,7 +53,7 @@ torch::Tensor paged_decode_attention(
   const bool by_kv_head = n < 2 * at::get_num_threads();
   const int64_t items = by_kv_head ? n * kv_heads : n;
   const int64_t span = by_kv_head ? group : heads;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  tokenyard_parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     std::vector<float> acc(span * dim);
     std::vector<float> sums(span);
@@ -126,7 +131,7 @@ torch::Tensor rms_norm_apply(const torch::Tensor& x, const torch::Tensor& var, c
   const float* wp = weight.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float feps = static_cast<float>(eps);
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+  tokenyard_parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float inv = 1.f / std::sqrt(vp[r] + feps);
       const float* xr = xp + r * h;
@@ -166,7 +171,7 @@ std::vector<torch::Tensor> rope_and_cache(const torch::Tensor& qkv, const torch:
   float* kc = k_cache.data_ptr<float>();
   float* vc = v_cache.data_ptr<float>();
   const int64_t kv_row = kv_heads * dim;
-  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+  tokenyard_parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* row = src + t * width;
       const float* c = cp + t * dim;
@@ -234,12 +239,21 @@ torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& w
 torch::Tensor quant_dequantize(const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& mins);
 std::string quant_isa();
 
+// Every op releases the GIL while it runs: tensors only, no Python objects. In the server the engine loop's
+// forward pass then runs beside the event loop's streaming instead of taking turns with it.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("quant_linear", &quant_linear, "x @ W.T for a block-quantized W (q4_1 or q8_0), plus an optional bias");
-  m.def("quant_dequantize", &quant_dequantize, "the fp32 matrix of a block-quantized weight");
-  m.def("quant_isa", &quant_isa, "the instruction set quant_linear runs with here");
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
-  m.def("rms_norm_apply", &rms_norm_apply, "RMSNorm scaling, given the mean of squares");
-  m.def("rope_and_cache", &rope_and_cache, "RoPE on q and k; k and v written to their cache slots");
-  m.def("decode_layers", &decode_layers, "all decoder layers of a decode-only step");
+  m.def("quant_linear", &quant_linear, "x @ W.T for a block-quantized W (q4_1 or q8_0), plus an optional bias",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("quant_dequantize", &quant_dequantize, "the fp32 matrix of a block-quantized weight",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("quant_isa", &quant_isa, "the instruction set quant_linear runs with here",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rms_norm_apply", &rms_norm_apply, "RMSNorm scaling, given the mean of squares",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rope_and_cache", &rope_and_cache, "RoPE on q and k; k and v written to their cache slots",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("decode_layers", &decode_layers, "all decoder layers of a decode-only step",
+        py::call_guard<py::gil_scoped_release>());
 }

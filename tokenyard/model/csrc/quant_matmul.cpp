@@ -19,8 +19,13 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <functional>
+#include <string>
 #include <cstring>
 #include <vector>
+
+void tokenyard_parallel_for(int64_t begin, int64_t end, int64_t grain,
+                            const std::function<void(int64_t, int64_t)>& fn);   // thread_pool.cpp
 
 namespace {
 
@@ -298,7 +303,7 @@ torch::Tensor quant_linear(const torch::Tensor& x_in, const torch::Tensor& q, co
   // Activation rows in chunks that stay in L2 while every weight row passes over them.
   for (int64_t r0 = 0; r0 < T; r0 += kRowChunk) {
     const int64_t rows = std::min(kRowChunk, T - r0);
-    at::parallel_for(0, (w.n + 3) / 4, 4, [&](int64_t g0, int64_t g1) {
+    tokenyard_parallel_for(0, (w.n + 3) / 4, 4, [&](int64_t g0, int64_t g1) {
       fn(w, xp + r0 * w.k, rows, 4 * g0, std::min(w.n, 4 * g1), yp + r0 * w.n, w.n);
     });
   }
