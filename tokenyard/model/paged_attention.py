@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
-_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "quant_matmul.cpp", "thread_pool.cpp")]
+_SOURCES = [Path(__file__).parent / "csrc" / name
+            for name in ("paged_attention.cpp", "quant_matmul.cpp", "thread_pool.cpp")]
 
 
 def _cpu_flags() -> list[str]:
