@@ -25,27 +25,52 @@ def _random_quant(kind: str, n: int, k: int, seed: int) -> quant.QuantWeight:
     return quant.quantize(w, kind)
 
 
-@pytest.mark.parametrize("isa", ["best", "avx2", "scalar"])
+def _tiles_isa() -> str:
+    return kernel.quant_isa().split("+")[0]
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 17, 300])   # tiles of 4 rows and leftovers; 300: two row chunks
 @pytest.mark.parametrize("n,k", [(6, 64), (202, 576)])     # weight rows in fours and leftovers
-def test_quant_linear_matches_dequantize_then_matmul(isa, kind, rows, n, k, monkeypatch):
-    if isa != "best":
-        monkeypatch.setenv("TOKENYARD_QUANT_ISA", isa)
-        if kernel.quant_isa() != isa:
-            pytest.skip(f"this CPU has no {isa} path")
+def test_fp32_tile_paths_match_dequantize_then_matmul(isa, kind, rows, n, k, monkeypatch):
+    """The fp32 paths (weights dequantized, fp32 products): fp32 rounding only, whatever the batch."""
+    monkeypatch.setenv("TOKENYARD_QUANT_ISA", isa)
+    if _tiles_isa() != isa:
+        pytest.skip(f"this CPU has no {isa} path")
     w = _random_quant(kind, n, k, seed=rows + n)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
     bias = torch.randn(n)
     ref = x @ w.dequantize().T + bias
     got = quant.linear(x, w, bias)
-    # Same products, summed in another order (per block, then scaled): fp32 rounding only.
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
     assert torch.equal(kernel.quant_dequantize(*w.parts()), w.dequantize())
 
 
-def test_kernel_isa_is_named():
-    assert kernel.quant_isa() in ("avx512", "avx2", "scalar")
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("n,k", [(6, 64), (202, 576), (9, 96)])   # 96: an odd number of blocks
+def test_int8_activation_path_is_within_activation_rounding(kind, rows, n, k):
+    """With AVX-512 VNNI, up to 4 rows run with int8 activations (per 32-block absmax scaling, as llama.cpp):
+    each product's activation is off by at most half a step, max|x_block| / 254; the output error is bounded
+    by the sum of |w| times that, and is far below the weights' own quantization error."""
+    if "vnni" not in kernel.quant_isa():
+        pytest.skip("no AVX-512 VNNI here: every batch takes the fp32 path")
+    w = _random_quant(kind, n, k, seed=rows + n)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    wd = w.dequantize()
+    ref = x @ wd.T
+    step = x.view(rows, -1, quant.BLOCK).abs().amax(-1).repeat_interleave(quant.BLOCK, 1) / 254
+    bound = step @ wd.abs().T
+    got = quant.linear(x, w)
+    assert bool(((got - ref).abs() <= bound * 1.001 + 1e-6).all())
+    assert float((got - ref).abs().max()) > 0   # the int8 path was taken (the fp32 one would be ~exact)
+
+
+def test_kernel_isa_is_named(monkeypatch):
+    assert kernel.quant_isa().split("+")[0] in ("avx512", "avx2", "scalar")
+    monkeypatch.setenv("TOKENYARD_QUANT_ISA", "scalar")
+    assert kernel.quant_isa() == "scalar"
 
 
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])

@@ -19,6 +19,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
 #include <functional>
 #include <string>
 #include <cstring>
@@ -30,6 +32,7 @@ void tokenyard_parallel_for(int64_t begin, int64_t end, int64_t grain,
 namespace {
 
 constexpr int64_t kBlock = 32;
+constexpr int64_t kIntRows = 4;      // up to this many activation rows: int8 activations (VNNI), if present
 constexpr int64_t kRowChunk = 256;   // activation rows per pass over the weights (kept in L2)
 
 enum class Kind { Q4_1, Q8_0 };
@@ -237,6 +240,104 @@ void rows_avx2(const Weights& w, const float* x, int64_t rows, int64_t n0, int64
   }
 }
 
+// ------------------------------------------------------------------------------------------ AVX-512 VNNI
+// For a few activation rows (a decode step), reading and expanding the weights is the work, so this path
+// does it the way llama.cpp does: each activation row is quantized to int8 per block of 32 (scale max|x|/127),
+// and 64 weights at a time meet 64 activations in one vpdpbusd (unsigned 8-bit weights x signed 8-bit
+// activations, summed in int32). q4_1's nibbles are unsigned already; q8_0's weights are offset by 128 and
+// 128 * sum(xq) is taken back. Per block: d_w * d_x * dot + (min_w * d_x * sum(xq) for q4_1).
+struct QuantRows {
+  std::vector<int8_t> q;     // [rows, K]
+  std::vector<float> d;      // [rows, nb]: the activation block's scale
+  std::vector<int32_t> sum;  // [rows, nb]: sum of its int8 values
+};
+
+void quantize_rows(const float* x, int64_t rows, int64_t k, QuantRows& out) {
+  const int64_t nb = k / kBlock;
+  out.q.resize(rows * k);
+  out.d.resize(rows * nb);
+  out.sum.resize(rows * nb);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + r * k + b * kBlock;
+      float amax = 0.f;
+      for (int j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(xb[j]));
+      const float d = amax / 127.f;
+      const float inv = d > 0.f ? 1.f / d : 0.f;
+      int32_t sum = 0;
+      for (int j = 0; j < kBlock; ++j) {
+        const int v = static_cast<int>(std::nearbyint(xb[j] * inv));
+        out.q[r * k + b * kBlock + j] = static_cast<int8_t>(v);
+        sum += v;
+      }
+      out.d[r * nb + b] = d;
+      out.sum[r * nb + b] = sum;
+    }
+}
+
+// 64 weights of blocks b and b+1 as unsigned bytes laid out like the activations: [b 0..15, b 16..31,
+// b+1 0..15, b+1 16..31].
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+inline __m512i weights64(const Weights& w, const uint8_t* q, int64_t b) {
+  if (w.kind == Kind::Q4_1) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 16));
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_and_si256(raw, mask);                         // [b lo | b+1 lo]
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);  // [b hi | b+1 hi]
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);   // [b lo, b+1 lo, b hi, b+1 hi]
+    return _mm512_shuffle_i64x2(both, both, _MM_SHUFFLE(3, 1, 2, 0));            // [b lo, b hi, b+1 lo, b+1 hi]
+  }
+  const __m512i v = _mm512_loadu_si512(reinterpret_cast<const void*>(q + b * kBlock));
+  return _mm512_xor_si512(v, _mm512_set1_epi8(static_cast<char>(0x80)));   // int8 + 128 as uint8
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+void rows_vnni(const Weights& w, const QuantRows& xq, int64_t rows, int64_t n0, int64_t n1, float* y,
+               int64_t ldy) {
+  const int64_t nb = w.nb, K = w.k;
+  const int64_t pairs = nb / 2;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* q = w.q + n * w.row_bytes;
+    const float* dw = w.scales + n * nb;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int8_t* xr = xq.q.data() + r * K;
+      const float* dx = xq.d.data() + r * nb;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t p = 0; p < pairs; ++p) {
+        const int64_t b = 2 * p;
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), weights64(w, q, b),
+                                                _mm512_loadu_si512(reinterpret_cast<const void*>(xr + b * kBlock)));
+        const __m512 scale = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(dw[b] * dx[b])),
+                                                _mm256_set1_ps(dw[b + 1] * dx[b + 1]), 1);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
+      }
+      float s = _mm512_reduce_add_ps(acc);
+      for (int64_t b = 2 * pairs; b < nb; ++b) {   // an odd last block
+        int32_t dot = 0;
+        for (int j = 0; j < 16 && w.kind == Kind::Q4_1; ++j)
+          dot += (q[b * 16 + j] & 0x0F) * xr[b * kBlock + j] + (q[b * 16 + j] >> 4) * xr[b * kBlock + j + 16];
+        for (int j = 0; j < kBlock && w.kind == Kind::Q8_0; ++j)
+          dot += (static_cast<int>(reinterpret_cast<const int8_t*>(q)[b * kBlock + j]) + 128) * xr[b * kBlock + j];
+        s += dw[b] * dx[b] * static_cast<float>(dot);
+      }
+      const int32_t* xs = xq.sum.data() + r * nb;
+      if (w.kind == Kind::Q4_1) {
+        const float* mn = w.mins + n * nb;
+        for (int64_t b = 0; b < nb; ++b) s += mn[b] * dx[b] * static_cast<float>(xs[b]);
+      } else {
+        for (int64_t b = 0; b < nb; ++b) s -= 128.f * dw[b] * dx[b] * static_cast<float>(xs[b]);
+      }
+      y[r * ldy + n] = s;
+    }
+  }
+}
+
+bool has_vnni() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
 using RowsFn = void (*)(const Weights&, const float*, int64_t, int64_t, int64_t, float*, int64_t);
 
 // The best path this CPU has; TOKENYARD_QUANT_ISA=avx2|scalar asks for a lesser one (the tests run each).
@@ -299,13 +400,20 @@ torch::Tensor quant_linear(const torch::Tensor& x_in, const torch::Tensor& q, co
   auto y = torch::empty({T, w.n}, torch::kFloat32);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const RowsFn fn = pick_rows_fn();
-  // Activation rows in chunks that stay in L2 while every weight row passes over them.
-  for (int64_t r0 = 0; r0 < T; r0 += kRowChunk) {
-    const int64_t rows = std::min(kRowChunk, T - r0);
-    tokenyard_parallel_for(0, (w.n + 3) / 4, 4, [&](int64_t g0, int64_t g1) {
-      fn(w, xp + r0 * w.k, rows, 4 * g0, std::min(w.n, 4 * g1), yp + r0 * w.n, w.n);
-    });
+  const char* want = std::getenv("TOKENYARD_QUANT_ISA");
+  if (T <= kIntRows && has_vnni() && !want) {
+    QuantRows xq;
+    quantize_rows(xp, T, w.k, xq);
+    tokenyard_parallel_for(0, w.n, 16, [&](int64_t n0, int64_t n1) { rows_vnni(w, xq, T, n0, n1, yp, w.n); });
+  } else {
+    const RowsFn fn = pick_rows_fn();
+    // Activation rows in chunks that stay in L2 while every weight row passes over them.
+    for (int64_t r0 = 0; r0 < T; r0 += kRowChunk) {
+      const int64_t rows = std::min(kRowChunk, T - r0);
+      tokenyard_parallel_for(0, (w.n + 3) / 4, 4, [&](int64_t g0, int64_t g1) {
+        fn(w, xp + r0 * w.k, rows, 4 * g0, std::min(w.n, 4 * g1), yp + r0 * w.n, w.n);
+      });
+    }
   }
   if (bias.has_value() && bias->defined()) y.add_(*bias);
   auto shape = x_in.sizes().vec();
@@ -315,5 +423,6 @@ torch::Tensor quant_linear(const torch::Tensor& x_in, const torch::Tensor& q, co
 
 std::string quant_isa() {
   const RowsFn fn = pick_rows_fn();
-  return fn == &rows_avx512 ? "avx512" : fn == &rows_avx2 ? "avx2" : "scalar";
+  const std::string tiles = fn == &rows_avx512 ? "avx512" : fn == &rows_avx2 ? "avx2" : "scalar";
+  return has_vnni() && !std::getenv("TOKENYARD_QUANT_ISA") ? tiles + "+vnni" : tiles;
 }
