@@ -198,13 +198,15 @@ std::vector<torch::Tensor> rope_and_cache(const torch::Tensor& qkv, const torch:
 // above) that model/llama.py calls from Python, in the same order, so results are bit for bit equal; what
 // goes away is Python's per-op overhead, which at decode sizes is a good part of a step's non-GEMM time.
 torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales,
-                           const torch::Tensor& mins, const c10::optional<torch::Tensor>& bias);
+                           const torch::Tensor& mins, const c10::optional<torch::Tensor>& bias,
+                           bool int8_activations);
 
 // A linear layer given as three tensors: (W, empty, empty) in fp32, or (q, scales, mins) block-quantized.
 static torch::Tensor linear3(const torch::Tensor& x, const torch::Tensor* w,
                              const torch::Tensor& bias = torch::Tensor()) {
   const bool has_bias = bias.defined() && bias.numel();
-  if (w[1].numel()) return quant_linear(x, w[0], w[1], w[2], has_bias ? c10::optional<torch::Tensor>(bias) : c10::nullopt);
+  if (w[1].numel())
+    return quant_linear(x, w[0], w[1], w[2], has_bias ? c10::optional<torch::Tensor>(bias) : c10::nullopt, true);
   return has_bias ? at::linear(x, w[0], bias) : at::linear(x, w[0]);
 }
 
@@ -243,7 +245,8 @@ std::string quant_isa();
 // forward pass then runs beside the event loop's streaming instead of taking turns with it.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_linear", &quant_linear, "x @ W.T for a block-quantized W (q4_1 or q8_0), plus an optional bias",
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("x"), py::arg("q"), py::arg("scales"), py::arg("mins"), py::arg("bias"),
+        py::arg("int8_activations") = true, py::call_guard<py::gil_scoped_release>());
   m.def("quant_dequantize", &quant_dequantize, "the fp32 matrix of a block-quantized weight",
         py::call_guard<py::gil_scoped_release>());
   m.def("quant_isa", &quant_isa, "the instruction set quant_linear runs with here",

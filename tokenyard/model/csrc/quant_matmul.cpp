@@ -393,7 +393,8 @@ torch::Tensor quant_dequantize(const torch::Tensor& q, const torch::Tensor& scal
 
 // x [T, K] fp32 times the quantized weight's transpose: [T, N] (F.linear's contract), plus an optional bias.
 torch::Tensor quant_linear(const torch::Tensor& x_in, const torch::Tensor& q, const torch::Tensor& scales,
-                           const torch::Tensor& mins, const c10::optional<torch::Tensor>& bias) {
+                           const torch::Tensor& mins, const c10::optional<torch::Tensor>& bias,
+                           bool int8_activations) {
   const Weights w = describe(q, scales, mins);
   TORCH_CHECK(x_in.dtype() == torch::kFloat32 && x_in.size(-1) == w.k, "quant_linear: fp32 x with K columns");
   const auto x = x_in.reshape({-1, w.k}).contiguous();
@@ -402,7 +403,7 @@ torch::Tensor quant_linear(const torch::Tensor& x_in, const torch::Tensor& q, co
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const char* want = std::getenv("TOKENYARD_QUANT_ISA");
-  if (T <= kIntRows && has_vnni() && !want) {
+  if (int8_activations && T <= kIntRows && has_vnni() && !want) {
     QuantRows xq;
     quantize_rows(xp, T, w.k, xq);
     tokenyard_parallel_for(0, w.n, 16, [&](int64_t n0, int64_t n1) { rows_vnni(w, xq, T, n0, n1, yp, w.n); });
