@@ -10,6 +10,12 @@
 #   smollm2/   SmolLM2-135M's config.json and tokenizer files (from the bundled model's converted directory):
 #              the served model is a random-weight copy of it (benchmarks/gpu/random_model.py), since the
 #              bundled GGUF package is not on the machine
+# To make it (on a machine with the bundled model and network):
+#   d=$(python -c "from tokenyard.model.loader import resolve_model; print(resolve_model(None).hf_dir)")
+#   mkdir -p .gpucarry/smollm2 && cp "$d"/{config.json,tokenizer.json,tokenizer_config.json,chat_template.jinja} .gpucarry/smollm2/
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .gpucarry/whl fastapi starlette pydantic pydantic-core annotated-types \
+#     typing-inspection typing-extensions uvicorn opentelemetry-api      # pin the versions your .venv has
 # The swap exactness tests on CUDA are part of benchmarks/gpu/check.sh.
 #
 # 1. KV copy throughput per segment size, device <-> pinned host (GB/s), beside the old layer-major gather.
