@@ -197,3 +197,22 @@ def test_prefix_lookups_are_counted_once_per_admission_not_per_retry():
         sched.update_from_output(out, {c.request_id: 5 for c in out.chunks if c.sample})
     assert sched.requests["blocked"].status is RequestStatus.WAITING
     assert kv.prefix_queries == 16          # only the admitted request's lookup, not the blocked one's retries
+
+
+def test_the_scheduler_stamps_time_from_its_injected_clock():
+    """No wall clock inside sched/: a simulator's virtual clock is the only time a scheduler it drives sees."""
+    now = [100.0]
+    kv = KVCacheManager(64, 4, 0, False)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=4), kv, clock=lambda: now[0])
+    sched.add_request(Request("a", list(range(3, 12)), 4, arrival_time=99.0))
+    sched.add_request(Request("b", list(range(3, 6)), 4, arrival_time=99.5))
+    first_step_of = {}
+    for t in (100.0, 150.0, 250.0):   # a's prompt takes the whole 4-token budget twice, then b gets its turn
+        now[0] = t
+        out = sched.schedule()
+        for c in out.chunks:
+            first_step_of.setdefault(c.request_id, t)
+        sched.update_from_output(out, {c.request_id: 7 for c in out.chunks if c.sample})
+    assert first_step_of == {"a": 100.0, "b": 250.0}
+    assert sched.requests["a"].first_scheduled_time == 100.0
+    assert sched.requests["b"].first_scheduled_time == 250.0

@@ -16,7 +16,6 @@ Every method runs on the engine's own thread, between steps.
 
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -183,7 +182,7 @@ class MigrationEndpoint:
         req.num_computed_tokens = snap.num_computed_tokens
         req.num_cached_tokens = snap.num_cached_tokens
         req.num_preemptions = snap.num_preemptions
-        req.first_scheduled_time = time.monotonic()
+        req.first_scheduled_time = self.scheduler.clock()
         e.add_sample_state(snap.request_id, snap.params, snap.stop_token_ids, list(snap.prompt_token_ids))
         try:
             state = e.runner.states[snap.request_id]

@@ -26,7 +26,7 @@ step's forward pass, as a synchronous swap does.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from tokenyard.invariants import InvariantError, require
@@ -74,9 +74,13 @@ class _Step:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``clock``: the time the scheduler stamps on requests (first scheduled). The engine passes none (the
+        monotonic clock); a simulator passes its own virtual clock, so no wall time leaks into a simulation."""
         self.config = config
         self.kv = kv
+        self.clock = clock
         self.ledger = ServiceLedger(config.vtc_w_p, config.vtc_w_q, config.tenant_weights)
         self.policy = make_policy(config.scheduling_policy, self.ledger)
         self.requests: dict[str, Request] = {}
@@ -394,7 +398,7 @@ class Scheduler:
         st.budget -= n
         st.scheduled[req.request_id] = (chunk, self.policy.charge(req, start, n, sample))
         if req.first_scheduled_time is None:
-            req.first_scheduled_time = time.monotonic()
+            req.first_scheduled_time = self.clock()
 
     def _preempt(self, st: _Step, req: Request) -> None:
         """Preempt a running request, first rolling back any work this step gave it."""
