@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tokenyard.sched.policies import POLICY_NAMES, check_policy_name
 
+QUANTIZATIONS = ("auto", "none", "int8", "q4")   # --quantization (model/quant.py, model/loader.py)
+
 
 def _opt(default, help: str, choices: tuple | None = None):
     """A field with the help text (and choices) its CLI flag shows."""
@@ -55,7 +57,7 @@ class EngineConfig:
                       "precision is slow on CPUs without AMX)", ("auto", "float32", "bfloat16", "float16"))
     quantization: str = _opt("auto", "CPU weights: auto keeps a GGUF's Q4_1/Q8_0 blocks as they are (an HF "
                              "directory stays in its dtype); int8 / q4 quantize linear weights at load (q8_0 / "
-                             "q4_1 blocks of 32, the embedding q8_0); none runs fp32", ("auto", "none", "int8", "q4"))
+                             "q4_1 blocks of 32, the embedding q8_0); none runs fp32", QUANTIZATIONS)
     num_threads: int | None = _opt(None, "torch CPU threads (default: torch's)")
     check_invariants: bool = _opt(False, "run the scheduler/KV integrity check after every step (tests; slower)")
 
@@ -83,7 +85,7 @@ class EngineConfig:
             self.swap_overlap = "on" if self.swap_overlap else "off"
         if self.swap_overlap not in ("auto", "on", "off"):
             raise ValueError(f"swap_overlap must be 'auto', 'on' or 'off', got {self.swap_overlap!r}")
-        if self.quantization not in ("auto", "none", "int8", "q4"):
+        if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be auto, none, int8 or q4, got {self.quantization!r}")
         if self.preemption_mode not in ("recompute", "swap"):
             raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")

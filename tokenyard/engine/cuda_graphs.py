@@ -49,6 +49,7 @@ class DecodeGraphs:
         self.capture = capture
         dev = model.device
         B, W = self.max_batch, -(-max_model_len // block_size)
+        self.scratch_block = scratch_block
         self.scratch_slot = scratch_block * block_size
         pin = dev.type == "cuda"
         # Host staging, pinned so the copies to the device buffers are asynchronous. Rows past the batch are
@@ -123,7 +124,7 @@ class DecodeGraphs:
         pos[n:nb] = 0
         slots[n:nb] = self.scratch_slot
         ctx[n:nb] = 1
-        tables[n:nb, 0] = self.scratch_slot // bs
+        tables[n:nb, 0] = self.scratch_block
         for dst, src in ((self.ids, self.h_ids), (self.pos, self.h_pos), (self.slots, self.h_slots),
                          (self.ctx, self.h_ctx)):
             dst[:nb].copy_(src[:nb], non_blocking=True)

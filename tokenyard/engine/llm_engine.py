@@ -141,18 +141,7 @@ class LLMEngine:
             num_host = int(config.swap_space_gb * 2**30) // per_block if config.preemption_mode == "swap" else 0
         self.runner.allocate_kv(num_blocks, num_host)
         if device.type == "cuda" and not config.enforce_eager and config.max_graph_batch_size > 0:
-            if self.runner.model.attn_backend == "triton":
-                print(f"tokenyard: capturing decode CUDA graphs (batch sizes up to "
-                      f"{min(config.max_graph_batch_size, config.max_num_seqs)}) ...", file=sys.stderr, flush=True)
-                try:
-                    self.runner.enable_decode_graphs(min(config.max_graph_batch_size, config.max_num_seqs))
-                except Exception as e:  # noqa: BLE001 - a capture this setup refuses: serve eagerly
-                    log.warning("decode CUDA graph capture failed (%s); running eagerly (--enforce-eager "
-                                "skips the attempt)", e)
-                    self.runner.graphs = None
-                    torch.cuda.synchronize(device)
-            else:
-                log.warning("decode CUDA graphs need the Triton attention kernel; running eagerly")
+            self._capture_decode_graphs(min(config.max_graph_batch_size, config.max_num_seqs))
         self.kv = KVCacheManager(num_blocks, config.block_size, num_host, config.enable_prefix_caching,
                                  block_groups=config.swap_block_groups, host_cache=config.host_prefix_cache)
         self.kv_block_bytes = per_block
@@ -331,6 +320,22 @@ class LLMEngine:
         if self.config.check_invariants:
             self.scheduler.check_invariants()
         return events
+
+    def _capture_decode_graphs(self, max_batch: int) -> None:
+        """CUDA graphs for decode-only steps of up to ``max_batch`` requests; eager, with a warning, where the
+        attention kernel they need is missing or the capture is refused."""
+        if self.runner.model.attn_backend != "triton":
+            log.warning("decode CUDA graphs need the Triton attention kernel; running eagerly")
+            return
+        print(f"tokenyard: capturing decode CUDA graphs (batch sizes up to {max_batch}) ...", file=sys.stderr,
+              flush=True)
+        try:
+            self.runner.enable_decode_graphs(max_batch)
+        except Exception as e:  # noqa: BLE001 - a capture this setup refuses: serve eagerly
+            log.warning("decode CUDA graph capture failed (%s); running eagerly (--enforce-eager skips the attempt)",
+                        e)
+            self.runner.graphs = None
+            torch.cuda.synchronize(self.runner.device)
 
     def _blocks_from_gpu_memory(self, per_block: int) -> int:
         """KV blocks that fit in ``gpu_memory_utilization`` of the GPU once the weights, a profiling step at the

@@ -68,6 +68,7 @@ class LlamaWeights:
     def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
                  device: torch.device) -> None:
         used: set[str] = set()
+        self.dtype = dtype
 
         def get(name: str):
             try:
@@ -84,8 +85,6 @@ class LlamaWeights:
             if all(isinstance(p, QuantWeight) for p in parts):
                 return QuantWeight.cat(parts)
             return torch.cat([p.dequantize() if isinstance(p, QuantWeight) else p for p in parts])
-
-        self.dtype = dtype
 
         def maybe(name: str) -> torch.Tensor | None:
             return get(name) if name in state else None

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 BLOCK = 32
-QUANTIZATIONS = ("auto", "none", "int8", "q4")
 
 
 @dataclass

@@ -12,8 +12,9 @@
 // 2 x 4 with AVX2), activations in chunks of 256 rows that stay in L2. On the 2-core AMD EPYC this was written
 // on, that beats ATen's fp32 GEMM at every batch size measured, 1 to 512 rows, even with the fp32 weights in cache.
 //
-// Arithmetic: weight = scale * q (+ min) in fp32, then fp32 dot products: dequantize-then-matmul, summed in
-// another order.
+// Arithmetic of those paths: weight = scale * q (+ min) in fp32, then fp32 dot products: dequantize-then-matmul,
+// summed in another order. With AVX-512 VNNI, one to three activation rows (a decode step of a few streams)
+// take an int8-activation path instead (see "AVX-512 VNNI" below), unless the caller asks for fp32 activations.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -22,8 +23,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <functional>
-#include <string>
 #include <cstring>
+#include <string>
 #include <vector>
 
 void tokenyard_parallel_for(int64_t begin, int64_t end, int64_t grain,
@@ -333,10 +334,11 @@ void rows_vnni(const Weights& w, const QuantRows& xq, int64_t rows, int64_t n0, 
   }
 }
 
-bool has_vnni() {
+// The int8-activation path runs where the CPU has VNNI, unless TOKENYARD_QUANT_ISA asks for a tile path.
+bool use_vnni() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512vnni");
+         __builtin_cpu_supports("avx512vnni") && !std::getenv("TOKENYARD_QUANT_ISA");
 }
 
 using RowsFn = void (*)(const Weights&, const float*, int64_t, int64_t, int64_t, float*, int64_t);
@@ -385,7 +387,7 @@ torch::Tensor quant_dequantize(const torch::Tensor& q, const torch::Tensor& scal
   const Weights w = describe(q, scales, mins);
   auto out = torch::empty({w.n, w.k}, torch::kFloat32);
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, w.n, 64, [&](int64_t n0, int64_t n1) {
+  tokenyard_parallel_for(0, w.n, 64, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) dequant_row_scalar(w, n, o + n * w.k);
   });
   return out;
@@ -402,8 +404,7 @@ torch::Tensor quant_linear(const torch::Tensor& x_in, const torch::Tensor& q, co
   auto y = torch::empty({T, w.n}, torch::kFloat32);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const char* want = std::getenv("TOKENYARD_QUANT_ISA");
-  if (int8_activations && T <= kIntRows && has_vnni() && !want) {
+  if (int8_activations && T <= kIntRows && use_vnni()) {
     QuantRows xq;
     quantize_rows(xp, T, w.k, xq);
     tokenyard_parallel_for(0, w.n, 16, [&](int64_t n0, int64_t n1) { rows_vnni(w, xq, T, n0, n1, yp, w.n); });
@@ -426,5 +427,5 @@ torch::Tensor quant_linear(const torch::Tensor& x_in, const torch::Tensor& q, co
 std::string quant_isa() {
   const RowsFn fn = pick_rows_fn();
   const std::string tiles = fn == &rows_avx512 ? "avx512" : fn == &rows_avx2 ? "avx2" : "scalar";
-  return has_vnni() && !std::getenv("TOKENYARD_QUANT_ISA") ? tiles + "+vnni" : tiles;
+  return use_vnni() ? tiles + "+vnni" : tiles;
 }
