@@ -185,12 +185,6 @@ def gguf_to_hf_dir(path: Path) -> Path:
     return out
 
 
-def torch_from_numpy(a: np.ndarray):
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(a))
-
-
 def _field(reader, key: str, default=None):
     f = reader.fields.get(key)
     if f is None:
@@ -247,6 +241,8 @@ def _convert_gguf(path: Path, out: Path) -> None:
     }
     ModelConfig.from_hf(config)  # validate before the slow part
 
+    import torch
+
     from tokenyard.model import quant
 
     state: dict[str, np.ndarray] = {}
@@ -272,7 +268,7 @@ def _convert_gguf(path: Path, out: Path) -> None:
             if arch == "llama" and kind in ("attn_q", "attn_k"):
                 heads = n_heads if kind == "attn_q" else n_kv
                 if kept:
-                    w = w.rows(torch_from_numpy(_unpermute(np.arange(shape[0]), heads)))
+                    w = w.rows(torch.from_numpy(_unpermute(np.arange(shape[0]), heads)))
                 else:
                     w = _unpermute(w, heads)
         else:
