@@ -23,18 +23,9 @@ namespace {
 
 thread_local bool t_in_pool_task = false;
 
+// Lives for the whole process (see pool()): its workers are never stopped.
 class Pool {
  public:
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-      ++generation_;
-    }
-    cv_.notify_all();
-    for (auto& t : workers_) t.join();
-  }
-
   // fn(begin, end) over [0, n) in `parts` contiguous shares, the caller taking share 0.
   void run(int64_t n, int parts, const std::function<void(int64_t, int64_t)>& fn) {
     std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
@@ -89,7 +80,6 @@ class Pool {
         cv_.wait(lock, [&] { return (g = generation_.load(std::memory_order_acquire)) != seen; });
       }
       seen = g;
-      if (stop_) return;
       if (id < parts_) share(id);
       remaining_.fetch_sub(1, std::memory_order_acq_rel);
     }
@@ -103,11 +93,10 @@ class Pool {
   const std::function<void(int64_t, int64_t)>* job_ = nullptr;
   int64_t n_ = 0;
   int parts_ = 1;
-  bool stop_ = false;
 };
 
 Pool& pool() {
-  static Pool* p = new Pool();   // never destroyed: workers may outlive static destruction order
+  static Pool* p = new Pool();   // never destroyed: its workers would outlive the static destruction order
   return *p;
 }
 
