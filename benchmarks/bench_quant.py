@@ -42,13 +42,12 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", 
 
 def mean_logprob(llm, ids: list[int]) -> float:
     """Teacher-forced mean log-probability of ids[1:] given what precedes, from one forward pass."""
-    from tokenyard.model.llama import AttentionMetadata, PrefillChunk
+    from tokenyard.model.llama import AttentionMetadata
 
     runner = llm.engine.runner
     n = len(ids)
-    slots = torch.arange(n)   # block 0.. of the device cache: the engine is idle, nothing else lives there
-    meta = AttentionMetadata(slot_mapping=slots, num_decodes=0, decode_block_tables=None, decode_mask=None,
-                             decode_context_lens=None, prefills=[PrefillChunk(0, n, 0, None, None)])
+    # Slots 0..n-1 of the device cache: the engine is idle, nothing else lives there.
+    meta = AttentionMetadata.whole_prompt(torch.arange(n))
     logits = runner.model.forward(torch.tensor(ids), torch.arange(n), meta, runner.k_cache, runner.v_cache,
                                   torch.arange(n - 1))
     lp = torch.log_softmax(logits.float(), dim=-1)

@@ -65,9 +65,7 @@ class ModelRunner:
         n = max(1, min(num_tokens, self.max_model_len))
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        meta = AttentionMetadata(slot_mapping=torch.zeros(n, dtype=torch.long, device=dev), num_decodes=0,
-                                 decode_block_tables=None, decode_mask=None, decode_context_lens=None,
-                                 prefills=[PrefillChunk(0, n, 0, None, None)])
+        meta = AttentionMetadata.whole_prompt(torch.zeros(n, dtype=torch.long, device=dev))
         rows = torch.arange(n - min(n, num_rows), n, device=dev)
         logits = self.model.forward(torch.zeros(n, dtype=torch.long, device=dev),
                                     torch.arange(n, device=dev), meta, probe.k_cache, probe.v_cache, rows)

@@ -61,6 +61,12 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None  # [num_decodes] int64, the current token included
     prefills: list[PrefillChunk]
 
+    @classmethod
+    def whole_prompt(cls, slot_mapping: torch.Tensor) -> AttentionMetadata:
+        """One prefill chunk of a whole prompt (nothing cached before it), its tokens written to these slots."""
+        return cls(slot_mapping=slot_mapping, num_decodes=0, decode_block_tables=None, decode_mask=None,
+                   decode_context_lens=None, prefills=[PrefillChunk(0, len(slot_mapping), 0, None, None)])
+
 
 class LlamaWeights:
     """Weights in the layout the forward pass wants: fused QKV and gate/up projections."""
