@@ -20,6 +20,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from tokenyard.kv.manager import cdiv
+from tokenyard.sched.request import RequestStatus
+from tokenyard.sched.scheduler import Scheduler
+
 
 @dataclass
 class RequestLoad:
@@ -67,3 +71,24 @@ def freeness(load: InstanceLoad, priority_headroom: int = 0, dispatch: bool = Fa
     if math.isinf(usage):
         return -math.inf
     return (load.num_blocks - usage) / max(load.num_running + load.pending_requests, 1)
+
+
+def scheduler_load(s: Scheduler, instance_id: str) -> InstanceLoad:
+    """The load report of one instance, read from its scheduler's queues and KV pool (the engine's instances and
+    the simulator's report the same way)."""
+    kv = s.kv
+    bs = kv.block_size
+
+    def demand(r) -> int:   # blocks a queued request needs to start (a swapped one: to come back)
+        return cdiv(r.num_tokens if r.status is RequestStatus.WAITING else r.num_computed_tokens + 1, bs)
+
+    head = s.policy.peek()
+    running = [RequestLoad(r.request_id, len(kv.req_blocks.get(r.request_id, ())), r.priority, r.num_tokens)
+               for r in s.running if not r.is_prefilling]
+    return InstanceLoad(
+        instance_id=instance_id, num_blocks=kv.pool.num_blocks, block_size=bs, used_blocks=kv.num_used_blocks,
+        num_running=len(s.running), num_waiting=len(s.policy),
+        head_demand_blocks=demand(head) if head is not None else 0,
+        waiting_blocks=sum(demand(r) for r in s.policy.queued()),
+        urgent_running=sum(r.priority < 0 for r in s.running), running=running,
+    )

@@ -20,14 +20,12 @@ from typing import Any
 
 import ray
 
-from tokenyard.cluster.load import InstanceLoad, RequestLoad
+from tokenyard.cluster.load import InstanceLoad, scheduler_load
 from tokenyard.config import EngineConfig
 from tokenyard.engine.llm_engine import LLMEngine
 from tokenyard.engine.migration import MigrationEndpoint
 from tokenyard.engine.output_processor import TokenEvent
-from tokenyard.kv.manager import cdiv
 from tokenyard.sampling_params import InvalidParameterError, SamplingParams
-from tokenyard.sched.request import RequestStatus
 
 log = logging.getLogger(__name__)
 
@@ -57,21 +55,7 @@ class PollReply:
 
 def instance_load(engine: LLMEngine, instance_id: str) -> InstanceLoad:
     """The load report of one engine (its scheduler's queues and KV pool)."""
-    s, kv = engine.scheduler, engine.kv
-    bs = kv.block_size
-    def demand(r) -> int:   # blocks a queued request needs to start (a swapped one: to come back)
-        return cdiv(r.num_tokens if r.status is RequestStatus.WAITING else r.num_computed_tokens + 1, bs)
-
-    head = s.policy.peek()
-    running = [RequestLoad(r.request_id, len(kv.req_blocks.get(r.request_id, ())), r.priority, r.num_tokens)
-               for r in s.running if not r.is_prefilling]
-    return InstanceLoad(
-        instance_id=instance_id, num_blocks=kv.pool.num_blocks, block_size=bs, used_blocks=kv.num_used_blocks,
-        num_running=len(s.running), num_waiting=len(s.policy),
-        head_demand_blocks=demand(head) if head is not None else 0,
-        waiting_blocks=sum(demand(r) for r in s.policy.queued()),
-        urgent_running=sum(r.priority < 0 for r in s.running), running=running,
-    )
+    return scheduler_load(engine.scheduler, instance_id)
 
 
 class InstanceWorker:
