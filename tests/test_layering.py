@@ -10,7 +10,7 @@ from pathlib import Path
 import tokenyard
 
 PKG = Path(tokenyard.__file__).parent
-PURE_DIRS = ["sched", "kv", "cluster"]   # cluster/runtime/ (Ray actors) is not pure
+PURE_DIRS = ["sched", "kv", "cluster", "sim"]   # cluster/runtime/ (Ray actors) is not pure
 
 
 def _pure_modules() -> list[str]:

@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tokenyard.bench.cli_args import add_bench_parser
 
     add_bench_parser(sub)
+    from tokenyard.sim.cli import add_simulate_parser
+
+    add_simulate_parser(sub)
     return parser
 
 

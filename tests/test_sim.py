@@ -1,0 +1,294 @@
+"""The simulator: collapsed decode spans are exactly stepping, the cost models, the event loop's timing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tokenyard.bench.workload import RequestSpec
+from tokenyard.sched.scheduler import SchedulerConfig
+from tokenyard.sim.cost import (
+    DEVICES,
+    MODELS,
+    CostModel,
+    ProfiledCost,
+    RooflineCost,
+    StepShape,
+    VidurCost,
+    default_vidur_profiles,
+    fit_linear,
+    load_cost_model,
+)
+from tokenyard.sim.simulator import SimConfig, Simulator
+
+
+class ToyCost(CostModel):
+    """Linear, with coefficients that make float sums round (so a closed form would differ from stepping)."""
+
+    name = "toy"
+    block_size = 4
+
+    def __init__(self, num_kv_blocks: int = 64) -> None:
+        self.num_kv_blocks = num_kv_blocks
+        self.swap_s_per_block = 0.0003
+        self.swap_s_per_copy = 0.0001
+        self.migration_s_per_block = 0.0007
+        self.migration_s_per_stage = 0.001
+
+    def decode_time(self, num_seqs: int, context: int) -> float:
+        return 0.0071 + 0.00013 * num_seqs + 1.7e-6 * context
+
+    def mixed_time(self, s: StepShape) -> float:
+        return 0.011 + 0.00021 * s.num_tokens + 0.00013 * s.num_seqs + 1.7e-6 * s.decode_context \
+            + 3.1e-8 * s.prefill_attn
+
+
+def _records(specs, sched: SchedulerConfig, cfg: SimConfig, cost: CostModel):
+    res = Simulator(sched, cost, cfg).run(specs)
+    return res, [(r.index, r.send_s, r.ttft_s, r.latency_s, tuple(r.token_s), r.finish_reason, r.error_kind)
+                 for r in res.records]
+
+
+def _both(specs, sched, cfg_kw, cost_factory):
+    out = {}
+    for collapse in (True, False):
+        cfg = SimConfig(collapse=collapse, check_invariants=True, **cfg_kw)
+        out[collapse] = _records(specs, sched, cfg, cost_factory())
+    return out
+
+
+@st.composite
+def workloads(draw):
+    n = draw(st.integers(1, 40))
+    multi = draw(st.booleans())
+    specs = []
+    t = 0.0
+    conv = 0
+    i = 0
+    while i < n:
+        t += draw(st.floats(0.0, 0.2))
+        turns = draw(st.integers(1, 3)) if multi else 1
+        for k in range(min(turns, n - i)):
+            specs.append(RequestSpec(i, draw(st.integers(1, 40)), draw(st.integers(1, 30)),
+                                     t if k == 0 else None, tenant=f"t{draw(st.integers(0, 2))}",
+                                     priority=draw(st.integers(0, 2)), conversation=conv if turns > 1 else None,
+                                     turn=k))
+            i += 1
+        conv += 1
+    return specs
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(specs=workloads(), policy=st.sampled_from(["fcfs", "priority", "vtc", "vtc+priority"]),
+       mode=st.sampled_from(["recompute", "swap-sync", "swap-overlap"]), blocks=st.integers(24, 80),
+       budget=st.sampled_from([8, 16, 64]), seqs=st.sampled_from([2, 4, 16]), caching=st.booleans(),
+       instances=st.integers(1, 3), dispatch=st.sampled_from(["round-robin", "least-loaded", "freeness"]),
+       migration=st.booleans())
+def test_collapsed_spans_give_exactly_the_timings_of_stepping(specs, policy, mode, blocks, budget, seqs, caching,
+                                                              instances, dispatch, migration):
+    sched = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=seqs, scheduling_policy=policy,
+                            preemption_mode="recompute" if mode == "recompute" else "swap",
+                            swap_overlap=mode == "swap-overlap", tenant_weights={"t1": 3.0})
+    kw = dict(num_instances=instances, dispatch=dispatch, migration=migration and instances > 1,
+              interval_s=0.03, migration_low=6.0, migration_gap=2.0, num_host_blocks=60 if mode != "recompute" else 0,
+              enable_prefix_caching=caching, max_model_len=80)
+    out = _both(specs, sched, kw, lambda: ToyCost(blocks))
+    (res_c, a), (res_s, b) = out[True], out[False]
+    assert a == b
+    assert res_c.steps == res_s.steps
+    assert res_c.migrations == res_s.migrations
+    assert res_s.span_steps == 0
+
+
+def _trace_like(n: int, seed: int = 0) -> list[RequestSpec]:
+    import random
+
+    rng = random.Random(seed)
+    t = 0.0
+    specs = []
+    for i in range(n):
+        t += rng.expovariate(3.0)
+        specs.append(RequestSpec(i, rng.randint(8, 120), rng.randint(20, 200), t, tenant=f"t{i % 4}",
+                                 priority=i % 3))
+    return specs
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority", "vtc"])
+@pytest.mark.parametrize("blocks", [400, 90])   # plenty, and short (preemptions, a blocked queue head)
+def test_spans_are_taken_and_exact_on_a_long_workload(policy, blocks):
+    specs = _trace_like(120)
+    sched = SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=32, scheduling_policy=policy)
+    out = _both(specs, sched, dict(max_model_len=400), lambda: ToyCost(blocks))
+    (res_c, a), (_, b) = out[True], out[False]
+    assert a == b
+    preemptions = sum(i["preemptions"] for i in res_c.instances)
+    if blocks == 400:
+        assert preemptions == 0
+        assert res_c.span_steps > res_c.steps // 2, "the spans this test is about were not taken"
+    else:
+        assert preemptions > 0 and res_c.span_steps > 0
+
+
+def test_span_with_a_blocked_queue_head_and_a_preempted_prefix_in_the_cache():
+    """fcfs under memory pressure: the queue head (a preempted request whose blocks sit in the prefix cache) waits
+    through decode spans; spans that could evict its hits are not taken."""
+    specs = [RequestSpec(i, 60, 150, 0.01 * i) for i in range(12)]
+    sched = SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=12)
+    out = _both(specs, sched, dict(max_model_len=400), lambda: ToyCost(60))
+    (res_c, a), (_, b) = out[True], out[False]
+    assert a == b
+    assert res_c.span_steps > 0
+
+
+def test_one_request_timed_step_by_step_by_the_cost_model():
+    cost = ToyCost(100)
+    sched = SchedulerConfig(max_num_batched_tokens=8, max_num_seqs=4)
+    res = Simulator(sched, cost, SimConfig(max_model_len=100)).run([RequestSpec(0, 20, 5, 1.5)])
+    r = res.records[0]
+    # Prefill: chunks of 8, 8, 4 tokens (the last one samples); then 4 decodes.
+    t = 1.5
+    for start, q in ((0, 8), (8, 8), (16, 4)):
+        t = t + cost.mixed_time(StepShape(q, 1, 0, 0, q * start + q * (q + 1) // 2, start + q))
+    want = [t]
+    for k in range(4):
+        t = t + cost.decode_time(1, 21 + k)
+        want.append(t)
+    assert r.ok and r.output_tokens == 5 and r.finish_reason == "length"
+    assert r.send_s == 1.5
+    assert [1.5 + x for x in r.token_s] == pytest.approx(want, rel=0, abs=1e-12)
+    assert r.ttft_s == pytest.approx(want[0] - 1.5)
+
+
+def test_requests_that_cannot_fit_fail_like_the_server_answers_them():
+    sched = SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4)
+    specs = [RequestSpec(0, 70, 20, 0.0), RequestSpec(1, 10, 10, 0.0), RequestSpec(2, 30, 30, 0.1)]
+    res = Simulator(sched, ToyCost(8), SimConfig(max_model_len=80)).run(specs)
+    kinds = [r.error_kind for r in res.records]
+    assert kinds == ["http_400", None, "http_400"]   # over the context window; over the KV pool (8 x 4 tokens)
+    assert res.records[1].ok
+
+
+def test_multi_turn_reuses_the_conversation_prefix():
+    specs = [RequestSpec(0, 40, 10, 0.0, conversation=0, turn=0), RequestSpec(1, 8, 10, None, conversation=0, turn=1)]
+    sched = SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4)
+    sim = Simulator(sched, ToyCost(100), SimConfig(max_model_len=200))
+    res = sim.run(specs)
+    first, second = res.records
+    assert second.send_s == pytest.approx(first.end_s)
+    assert second.prompt_tokens == 40 + 10 + 8
+    assert sim.instances[0].kv.prefix_hits >= 48   # the first turn's full blocks (12 of 4 tokens)
+
+
+def test_migration_moves_requests_off_a_crowded_instance():
+    # Round-robin puts every long request on the two instances alike; one instance gets all the short ones.
+    specs = []
+    for i in range(24):
+        specs.append(RequestSpec(i, 40, 120 if i % 2 == 0 else 4, 0.001 * i))
+    sched = SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=16)
+    kw = dict(num_instances=2, dispatch="round-robin", interval_s=0.02, migration_low=3.0, migration_gap=1.0,
+              max_model_len=400, check_invariants=True)
+    moved = Simulator(sched, ToyCost(120), SimConfig(migration=True, **kw))
+    res = moved.run(specs)
+    assert res.migrations > 0
+    assert all(r.ok and r.output_tokens == r.output_len for r in res.records)
+    # Nothing leaks: every block of both instances is back.
+    for inst in moved.instances:
+        assert inst.kv.num_used_blocks == 0 and not inst.kv.reservations
+
+
+# --------------------------------------------------------------------------- cost models
+def test_fit_linear_recovers_the_coefficients_of_a_linear_cost():
+    rows, ys = [], []
+    for n in range(1, 40, 3):
+        for ctx in (10, 400, 3000):
+            rows.append([1.0, n, n * ctx])
+            ys.append(0.004 + 0.0002 * n + 3e-8 * n * ctx)
+    coef, err = fit_linear(rows, ys)
+    assert coef == pytest.approx([0.004, 0.0002, 3e-8], rel=1e-6)
+    assert err < 1e-9
+
+
+def test_profiled_cost_reads_a_profile_file(tmp_path):
+    data = {"kind": "tokenyard-profile", "version": 1, "block_size": 16, "num_kv_blocks": 1000,
+            "decode": {"intercept": 0.005, "per_seq": 0.0003, "per_context_token": 1e-6},
+            "mixed": {"intercept": 0.01, "per_token": 0.0002, "per_seq": 0.0, "per_decode_context_token": 1e-6,
+                      "per_prefill_attn_pair": 1e-9, "per_prefill_context_token": 0.0},
+            "copies": {"swap_s_per_block": 0.0001}}
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps(data))
+    cm = load_cost_model(str(p))
+    assert isinstance(cm, ProfiledCost) and cm.num_kv_blocks == 1000
+    assert cm.decode_time(4, 100) == pytest.approx(0.005 + 0.0012 + 0.0001)
+    assert cm.step_time(StepShape(4, 4, 4, 100, 0, 0)) == cm.decode_time(4, 100)
+    assert cm.swap_time(10, 1) == pytest.approx(0.001)
+    with pytest.raises(ValueError, match="block size"):
+        load_cost_model(str(p), block_size=32)
+    p.write_text("{")
+    with pytest.raises(ValueError, match="not JSON"):
+        load_cost_model(str(p))
+    with pytest.raises(ValueError, match="no such profile"):
+        load_cost_model(str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="device"):
+        load_cost_model("roofline:tpu:llama-2-7b")
+
+
+def test_roofline_decode_is_bound_by_reading_the_weights():
+    cm = RooflineCost(MODELS["llama-2-7b"], DEVICES["h100"], overhead_s=0.0)
+    w = MODELS["llama-2-7b"].weight_bytes
+    assert cm.decode_time(1, 1) == pytest.approx(w / (3.35e12 * 0.7), rel=1e-3)
+    # A 4k-token prefill is compute bound: ~2 * params * tokens FLOPs.
+    s = StepShape(4096, 1, 0, 0, 4096 * 4097 // 2, 4096)
+    assert cm.step_time(s) > cm.decode_time(256, 256 * 1000)
+    assert cm.num_kv_blocks > 1000
+
+
+vidur_dir = default_vidur_profiles()
+
+
+@pytest.mark.skipif(not (vidur_dir / "compute").is_dir(), reason="Vidur profiles are in ../shared (not in a clone)")
+def test_vidur_cost_interpolates_the_measured_operators():
+    import csv
+
+    cm = load_cost_model("vidur:h100:llama-2-7b", overhead_s=0.0)
+    assert isinstance(cm, VidurCost)
+    path = vidur_dir / "compute/h100/meta-llama/Llama-2-7b-hf/mlp.csv"
+    rows = [r for r in csv.DictReader(open(path)) if r["num_tensor_parallel_workers"] == "1"]
+    r = next(r for r in rows if r["num_tokens"] == "512")
+    per_layer = sum(float(r[f"time_stats.{op}.median"]) for op in VidurCost.PER_LAYER)
+    assert cm.layers_time(512) == pytest.approx(1e-3 * (32 * per_layer + float(r["time_stats.emb.median"])))
+    lo, hi = sorted((cm.layers_time(504), cm.layers_time(512)))   # measured points, not always monotonic
+    assert lo <= cm.layers_time(508) <= hi
+    assert 0.005 < cm.decode_time(1, 100) < 0.05   # a 7B decode on an H100: milliseconds
+
+
+def test_simulate_cli_writes_the_bench_report(tmp_path):
+    trace = tmp_path / "t.csv"
+    lines = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
+    for i in range(30):
+        lines.append(f"2023-11-16 18:15:{10 + i // 2:02d}.{(i % 2) * 5}000000,{50 + 7 * i},{5 + i}")
+    trace.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "tokenyard.cli", "simulate", "--trace", str(trace), "--instances", "2",
+           "--dispatch", "freeness", "--migration", "--cost-model", "roofline:a100:llama-2-7b",
+           "--result-json", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(out.read_text())
+    assert rep["summary"]["completed"] == 30
+    assert len(rep["requests"]) == 30 and rep["requests"][0]["ttft_s"] > 0
+    assert rep["simulation"]["instances"] == 2 and rep["simulation"]["requests_per_wall_s"] > 0
+    bad = subprocess.run([sys.executable, "-m", "tokenyard.cli", "simulate", "--trace", str(trace),
+                          "--cost-model", "roofline:tpu:x"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "device 'tpu'" in bad.stderr
+
+
+def test_simulator_imports_no_torch():
+    code = ("import sys; import tokenyard.sim.simulator, tokenyard.sim.cli; "
+            "print('TORCH' if 'torch' in sys.modules else 'CLEAN')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "CLEAN"

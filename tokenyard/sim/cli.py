@@ -1,0 +1,170 @@
+"""``tokenyard simulate``: the workload ``tokenyard bench serve`` would send, run through the simulator instead of
+a server; the same tables, JSON and plot, plus what the simulation itself cost. Imports no torch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from tokenyard.bench.cli_args import add_load_args, add_output_args, add_workload_args
+
+DEFAULT_COST_MODEL = "vidur:h100:llama-2-7b"
+
+
+def say(msg: str) -> None:
+    print(f"tokenyard simulate: {msg}", file=sys.stderr, flush=True)
+
+
+def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
+    from tokenyard.cluster.dispatch import DISPATCH_POLICIES
+    from tokenyard.sched.policies import POLICY_NAMES
+
+    p = sub.add_parser("simulate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="run a workload or a trace through the real scheduler and cluster policies against a "
+                            "cost model (a discrete-event simulation; no model, no GPU)")
+    add_workload_args(p, client=False)
+    add_load_args(p, "requests to simulate (default 100; with --trace, the rest of the trace)")
+    add_output_args(p)
+    c = p.add_argument_group("cost model")
+    c.add_argument("--cost-model", default=DEFAULT_COST_MODEL,
+                   help="a `tokenyard profile` JSON file, vidur:DEVICE:MODEL (Vidur's measured GPU operators; "
+                        "devices a100, h100, h200; models llama-2-7b, llama-3-8b, llama-2-70b) or "
+                        "roofline:DEVICE:MODEL (MODEL may be a config.json)")
+    c.add_argument("--vidur-profiles", default=None,
+                   help="directory holding Vidur's compute/ profiles (default: ../shared/data/vidur-profiles)")
+    c.add_argument("--step-overhead-ms", type=float, default=1.0,
+                   help="GPU models: host time per step (scheduling, inputs, sampling) added to the kernels' time")
+    e = p.add_argument_group("engine (per instance)")
+    e.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
+    e.add_argument("--max-num-seqs", type=int, default=256, help="running requests at most")
+    e.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    e.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV blocks per instance (default: the profile's, or what the GPU's memory holds)")
+    e.add_argument("--max-model-len", type=int, default=4096, help="context window")
+    e.add_argument("--scheduling-policy", "--policy", dest="scheduling_policy", default="fcfs",
+                   choices=POLICY_NAMES, help="turn-level policy")
+    e.add_argument("--vtc-tenant-weights", default=None,
+                   help="the scheduler's VTC weights, e.g. 'tenant-0=2,tenant-1=1' (the engine's --tenant-weights; "
+                        "here --tenant-weights is the share of requests per tenant, as in bench)")
+    e.add_argument("--vtc-w-p", type=float, default=1.0, help="VTC service per prompt token")
+    e.add_argument("--vtc-w-q", type=float, default=2.0, help="VTC service per output token")
+    e.add_argument("--preemption-mode", choices=["recompute", "swap"], default="recompute")
+    e.add_argument("--num-host-blocks", type=int, default=0, help="host swap blocks (with --preemption-mode swap)")
+    e.add_argument("--swap-overlap", action=argparse.BooleanOptionalAction, default=True,
+                   help="swaps copy beside the forward pass (FastSwitch) instead of before it")
+    e.add_argument("--swap-block-groups", action=argparse.BooleanOptionalAction, default=True,
+                   help="allocate blocks in contiguous runs (a swap copies runs, not blocks)")
+    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g = p.add_argument_group("cluster")
+    g.add_argument("--instances", type=int, default=1, help="engine instances behind the dispatcher")
+    g.add_argument("--dispatch", default="freeness", choices=sorted(DISPATCH_POLICIES), help="where a request goes")
+    g.add_argument("--migration", action=argparse.BooleanOptionalAction, default=True,
+                   help="live-migrate running requests from the least free instances to the freest (Llumnix)")
+    g.add_argument("--interval-s", type=float, default=0.05, help="how often the coordinator looks at the loads")
+    g.add_argument("--priority-headroom", type=int, default=0,
+                   help="KV blocks of headroom kept per running request more urgent than priority 0")
+    s = p.add_argument_group("simulation")
+    s.add_argument("--collapse", action=argparse.BooleanOptionalAction, default=True,
+                   help="run repeated decode steps as one event (exact; off: every step through the scheduler)")
+    s.add_argument("--token-times", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep every token's time (inter-token latency); off: first and last only (faster)")
+    s.add_argument("--check-invariants", action="store_true",
+                   help="check the scheduler's invariants after every step (slow)")
+    p.set_defaults(func=simulate)
+
+
+def build(args: argparse.Namespace):
+    """The scheduler config, cost model and simulator config the flags ask for (ValueError on a bad one)."""
+    from tokenyard.config import parse_tenant_weights
+    from tokenyard.sched.scheduler import SchedulerConfig
+    from tokenyard.sim.cost import default_vidur_profiles, load_cost_model
+    from tokenyard.sim.simulator import SimConfig
+
+    spec = args.cost_model
+    profiles = args.vidur_profiles
+    if spec == DEFAULT_COST_MODEL and profiles is None and not (default_vidur_profiles() / "compute").is_dir():
+        spec = "roofline:h100:llama-2-7b"
+        say(f"no Vidur profiles at {default_vidur_profiles()}: using the {spec} cost model")
+    if not args.step_overhead_ms >= 0:
+        raise ValueError(f"--step-overhead-ms: must be >= 0, got {args.step_overhead_ms}")
+    cost = load_cost_model(spec, profiles_dir=profiles, block_size=args.block_size,
+                           num_kv_blocks=args.num_kv_blocks, overhead_s=args.step_overhead_ms / 1e3)
+    weights = parse_tenant_weights(args.vtc_tenant_weights) if args.vtc_tenant_weights else {}
+    sched = SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                            scheduling_policy=args.scheduling_policy, preemption_mode=args.preemption_mode,
+                            swap_overlap=args.swap_overlap, vtc_w_p=args.vtc_w_p, vtc_w_q=args.vtc_w_q,
+                            tenant_weights=weights)
+    if args.max_model_len < 2:
+        raise ValueError(f"--max-model-len: must be at least 2, got {args.max_model_len}")
+    cfg = SimConfig(num_instances=args.instances, dispatch=args.dispatch, migration=args.migration,
+                    interval_s=args.interval_s, priority_headroom=args.priority_headroom,
+                    num_kv_blocks=args.num_kv_blocks, num_host_blocks=args.num_host_blocks,
+                    enable_prefix_caching=args.enable_prefix_caching, block_groups=args.swap_block_groups,
+                    max_model_len=args.max_model_len, collapse=args.collapse, record_tokens=args.token_times,
+                    check_invariants=args.check_invariants)
+    return sched, cost, cfg
+
+
+def simulate(args: argparse.Namespace) -> int:
+    from tokenyard.bench import metrics
+    from tokenyard.bench.client import BenchError
+    from tokenyard.bench.report import first_errors, plot, print_summary, write_json
+    from tokenyard.bench.runner import build_workload
+    from tokenyard.bench.workload import parse_floats
+    from tokenyard.sim.simulator import Simulator
+
+    try:
+        sched, cost, cfg = build(args)
+        workload = build_workload(args)
+    except BenchError as e:
+        say(str(e))
+        return 1
+    slo = metrics.parse_slo(args.slo or [])
+    sim = Simulator(sched, cost, cfg)
+    say(f"{len(workload.specs)} requests, {cfg.num_instances} instance(s) of {sim.num_blocks} KV blocks, "
+        f"cost model {cost.name}")
+    t0 = time.perf_counter()
+    res = sim.run(workload.specs)
+    wall = time.perf_counter() - t0
+    recs = res.records
+    summary = metrics.summary(recs, slo)
+    tenants = workload.tenants
+    multi = len(tenants) > 1
+    by_tenant = metrics.by_group(recs, "tenant") if multi else None
+    by_priority = metrics.by_group(recs, "priority") if args.priorities else None
+    timeline = fairness = None
+    if multi:
+        w = parse_floats(args.tenant_service_weights, "--tenant-service-weights", args.tenants)
+        wmap = dict(zip(tenants, w)) if w else {}
+        timeline = metrics.fairness(recs, wmap, args.w_p, args.w_q, tenants)
+        fairness = {"w_p": args.w_p, "w_q": args.w_q, "tenant_service_weights": wmap or None,
+                    **timeline.downsampled().to_json()}
+    title = (f"tokenyard simulate{f' [{args.label}]' if args.label else ''}: {cfg.num_instances} x {cost.name}, "
+             f"{args.scheduling_policy}, dispatch {cfg.dispatch}{' + migration' if cfg.migration else ''}")
+    if recs:
+        print_summary(summary, title, by_tenant, fairness, by_priority)
+    simulation = {
+        "instances": cfg.num_instances, "cost_model": cost.describe(), "num_kv_blocks": sim.num_blocks,
+        "wall_s": wall, "requests_per_wall_s": len(recs) / wall if wall > 0 else None,
+        "simulated_s": res.duration_s, "steps": res.steps, "span_steps": res.span_steps,
+        "migrations": res.migrations, "migrations_aborted": res.migrations_aborted, "per_instance": res.instances,
+    }
+    print(f"simulated {len(recs)} requests ({res.duration_s:.1f} s of serving, {res.steps} steps, "
+          f"{res.span_steps} in collapsed spans, {res.migrations} migrations) in {wall:.2f} s of wall time: "
+          f"{simulation['requests_per_wall_s']:.0f} requests/s")
+    report = {
+        "label": args.label, "simulated": True,
+        "config": {k: v for k, v in vars(args).items() if k != "func"},
+        "workload": {"num_requests": len(recs), "tenants": tenants, **workload.notes},
+        "summary": summary, "errors": first_errors(recs), "by_tenant": by_tenant, "by_priority": by_priority,
+        "fairness": fairness, "simulation": simulation, "requests": [r.to_json() for r in recs],
+    }
+    if args.result_json:
+        say(f"wrote {write_json(args.result_json, report)}")
+    if args.plot:
+        try:
+            say(f"wrote {plot(args.plot, recs, title, timeline)}")
+        except Exception as e:  # noqa: BLE001 - a failed plot must not lose the run
+            say(f"could not write the plot {args.plot}: {type(e).__name__}: {e}")
+    return 0 if summary["completed"] > 0 else 1
