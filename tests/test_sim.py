@@ -20,8 +20,10 @@ from tokenyard.sim.cost import (
     RooflineCost,
     StepShape,
     VidurCost,
+    decode_features,
     default_vidur_profiles,
     fit_linear,
+    hat_basis,
     load_cost_model,
 )
 from tokenyard.sim.simulator import SimConfig, Simulator
@@ -88,15 +90,15 @@ def workloads(draw):
        mode=st.sampled_from(["recompute", "swap-sync", "swap-overlap"]), blocks=st.integers(24, 80),
        budget=st.sampled_from([8, 16, 64]), seqs=st.sampled_from([2, 4, 16]), caching=st.booleans(),
        instances=st.integers(1, 3), dispatch=st.sampled_from(["round-robin", "least-loaded", "freeness"]),
-       migration=st.booleans())
+       migration=st.booleans(), churn=st.sampled_from([None, 0.05]))
 def test_collapsed_spans_give_exactly_the_timings_of_stepping(specs, policy, mode, blocks, budget, seqs, caching,
-                                                              instances, dispatch, migration):
+                                                              instances, dispatch, migration, churn):
     sched = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=seqs, scheduling_policy=policy,
                             preemption_mode="recompute" if mode == "recompute" else "swap",
                             swap_overlap=mode == "swap-overlap", tenant_weights={"t1": 3.0})
     kw = dict(num_instances=instances, dispatch=dispatch, migration=migration and instances > 1,
               interval_s=0.03, migration_low=6.0, migration_gap=2.0, num_host_blocks=60 if mode != "recompute" else 0,
-              enable_prefix_caching=caching, max_model_len=80)
+              enable_prefix_caching=caching, max_model_len=80, priority_churn_s=churn)
     out = _both(specs, sched, kw, lambda: ToyCost(blocks))
     (res_c, a), (res_s, b) = out[True], out[False]
     assert a == b
@@ -213,21 +215,51 @@ def test_fit_linear_recovers_the_coefficients_of_a_linear_cost():
     assert err < 1e-9
 
 
-def test_profiled_cost_reads_a_profile_file(tmp_path):
-    data = {"kind": "tokenyard-profile", "version": 1, "block_size": 16, "num_kv_blocks": 1000,
-            "decode": {"intercept": 0.005, "per_seq": 0.0003, "per_context_token": 1e-6},
-            "mixed": {"intercept": 0.01, "per_token": 0.0002, "per_seq": 0.0, "per_decode_context_token": 1e-6,
+def test_piecewise_features_interpolate_and_extrapolate():
+    knots = [1.0, 4.0, 16.0]
+    assert hat_basis(1, knots) == [1.0, 0.0, 0.0]
+    assert hat_basis(10, knots) == pytest.approx([0.0, 0.5, 0.5])
+    assert hat_basis(28, knots) == pytest.approx([0.0, -1.0, 2.0])   # the last segment continued
+    # A fitted piecewise function of the batch plus a context term is recovered exactly.
+    f = {1: 0.005, 4: 0.008, 16: 0.02}
+    shapes = [(n, c) for n in (1, 2, 4, 8, 16) for c in (10 * n, 300 * n)]
+
+    def truth(n, c):
+        lo = max(k for k in f if k <= n)
+        hi = min(k for k in f if k >= n)
+        base = f[lo] if lo == hi else f[lo] + (f[hi] - f[lo]) * (n - lo) / (hi - lo)
+        return base + 2e-6 * c
+
+    coef, err = fit_linear([decode_features(n, c, knots) for n, c in shapes], [truth(n, c) for n, c in shapes])
+    assert coef == pytest.approx([0.005, 0.008, 0.02, 2e-6], rel=1e-6)
+
+
+def _profile_data(**over) -> dict:
+    data = {"kind": "tokenyard-profile", "version": 2, "block_size": 16, "num_kv_blocks": 1000,
+            "decode": {"knots": [1, 8], "values": [0.005, 0.012], "per_context_token": 1e-6},
+            "mixed": {"knots": [8, 512], "values": [0.02, 0.5], "per_seq": 0.001, "per_decode_context_token": 1e-6,
                       "per_prefill_attn_pair": 1e-9, "per_prefill_context_token": 0.0},
             "copies": {"swap_s_per_block": 0.0001}}
+    data.update(over)
+    return data
+
+
+def test_profiled_cost_reads_a_profile_file(tmp_path):
     p = tmp_path / "p.json"
-    p.write_text(json.dumps(data))
+    p.write_text(json.dumps(_profile_data()))
     cm = load_cost_model(str(p))
     assert isinstance(cm, ProfiledCost) and cm.num_kv_blocks == 1000
-    assert cm.decode_time(4, 100) == pytest.approx(0.005 + 0.0012 + 0.0001)
+    assert cm.decode_time(1, 100) == pytest.approx(0.005 + 0.0001)
+    assert cm.decode_time(4, 100) == pytest.approx(0.005 + 0.007 * 3 / 7 + 0.0001)
     assert cm.step_time(StepShape(4, 4, 4, 100, 0, 0)) == cm.decode_time(4, 100)
+    s = StepShape(260, 2, 1, 50, 259 * 260 // 2, 259)
+    assert cm.step_time(s) == pytest.approx(0.02 + 0.48 * 252 / 504 + 0.002 + 50e-6 + 259 * 260 / 2 * 1e-9)
     assert cm.swap_time(10, 1) == pytest.approx(0.001)
     with pytest.raises(ValueError, match="block size"):
         load_cost_model(str(p), block_size=32)
+    p.write_text(json.dumps(_profile_data(version=1)))
+    with pytest.raises(ValueError, match="version"):
+        load_cost_model(str(p))
     p.write_text("{")
     with pytest.raises(ValueError, match="not JSON"):
         load_cost_model(str(p))

@@ -279,6 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
         add_engine_args(p)
         p.set_defaults(func=_one_off)
 
+    prof = sub.add_parser("profile", formatter_class=_Help,
+                          help="time the real engine's steps and KV copies on this machine and write a cost model "
+                               "for `tokenyard simulate --cost-model FILE`")
+    prof.add_argument("--output", "-o", default="tokenyard-profile.json", help="the profile file to write")
+    prof.add_argument("--repeats", type=int, default=5, help="timed steps per probe shape (their median is fitted)")
+    add_engine_args(prof)
+    prof.set_defaults(func=_profile)
+
     from tokenyard.bench.cli_args import add_bench_parser
 
     add_bench_parser(sub)
@@ -286,6 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_simulate_parser(sub)
     return parser
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from tokenyard.engine.profiler import profile
+
+    if args.repeats < 1:
+        raise ValueError(f"--repeats: must be at least 1, got {args.repeats}")
+    profile(engine_config(args), args.output, repeats=args.repeats)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

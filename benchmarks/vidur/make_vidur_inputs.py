@@ -9,7 +9,10 @@
    (roofline, see attention_rows). With TP=1, PP=1 Vidur never reads all_reduce/send_recv,
    so the network dataset contains only its config.json.
 """
-import argparse, json, os, shutil
+import argparse
+import json
+import os
+import shutil
 
 import numpy as np
 import pandas as pd

@@ -1,12 +1,13 @@
 """Same as `python -m vidur.main`, but times the phases separately.
 Prints one JSON line: setup_s (config + predictor train/cache-load + request generation),
 loop_s (event loop only), output_s (metrics/CSV writing), num_requests, num_replicas."""
-import json, sys, time
+import json
+import time
 
 t0 = time.perf_counter()
-from vidur.config import SimulationConfig
-from vidur.simulator import Simulator
-from vidur.utils.random import set_seeds
+from vidur.config import SimulationConfig  # noqa: E402 - timed: the import is measured
+from vidur.simulator import Simulator  # noqa: E402
+from vidur.utils.random import set_seeds  # noqa: E402
 
 t_import = time.perf_counter()
 config = SimulationConfig.create_from_cli_args()

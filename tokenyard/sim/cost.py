@@ -96,31 +96,58 @@ class CostModel(ABC):
 
 # --------------------------------------------------------------------------- a profile of the real engine
 PROFILE_KIND = "tokenyard-profile"
-DECODE_TERMS = ("intercept", "per_seq", "per_context_token")
-MIXED_TERMS = ("intercept", "per_token", "per_seq", "per_decode_context_token", "per_prefill_attn_pair",
-               "per_prefill_context_token")
+DECODE_TERMS = ("per_context_token",)                   # beside the piecewise-linear function of sequences
+MIXED_TERMS = ("per_seq", "per_decode_context_token", "per_prefill_attn_pair", "per_prefill_context_token")
 
 
-def mixed_features(s: StepShape) -> list[float]:
-    return [1.0, s.num_tokens, s.num_seqs, s.decode_context, s.prefill_attn, s.prefill_context]
+def hat_basis(x: float, knots: list[float]) -> list[float]:
+    """Piecewise-linear interpolation weights of ``x`` over ``knots`` (two non-zero, summing to 1); beyond the
+    ends, the first or last segment continued (so a fitted function extrapolates linearly)."""
+    m = len(knots)
+    w = [0.0] * m
+    if m == 1:
+        w[0] = 1.0
+        return w
+    i = bisect.bisect_right(knots, x) - 1
+    i = min(max(i, 0), m - 2)
+    k0, k1 = knots[i], knots[i + 1]
+    f = (x - k0) / (k1 - k0)
+    w[i] = 1.0 - f
+    w[i + 1] = f
+    return w
 
 
-def decode_features(num_seqs: int, context: int) -> list[float]:
-    return [1.0, num_seqs, context]
+def decode_features(num_seqs: int, context: int, knots: list[float]) -> list[float]:
+    return [*hat_basis(num_seqs, knots), float(context)]
+
+
+def mixed_features(s: StepShape, knots: list[float]) -> list[float]:
+    return [*hat_basis(s.num_tokens, knots), float(s.num_seqs), float(s.decode_context), float(s.prefill_attn),
+            float(s.prefill_context)]
 
 
 class ProfiledCost(CostModel):
-    """The linear model a ``tokenyard profile`` run fitted (seconds)."""
+    """The model a ``tokenyard profile`` run fitted (seconds): a decode-only step is a piecewise-linear function
+    of its sequences (knots at the measured batch sizes) plus a cost per key read; a step with prefill, a
+    piecewise-linear function of its tokens plus costs per sequence, decode key, prefill query-key pair and
+    prefill key. Both interpolate what was measured, as Vidur's tables do."""
 
     name = "profile"
 
     def __init__(self, data: dict, source: str = "") -> None:
         if data.get("kind") != PROFILE_KIND:
             raise ValueError(f"{source or 'profile'}: not a tokenyard profile (kind {data.get('kind')!r})")
+        if data.get("version") != 2:
+            raise ValueError(f"{source or 'profile'}: profile version {data.get('version')}; this tokenyard reads "
+                             f"version 2 (run `tokenyard profile` again)")
         self.data = data
         self.source = source
         d, m = data["decode"], data["mixed"]
-        self.d = [float(d[k]) for k in DECODE_TERMS]
+        self.d_knots = [float(x) for x in d["knots"]]
+        self.d_vals = [float(x) for x in d["values"]]
+        self.d_ctx = float(d["per_context_token"])
+        self.m_knots = [float(x) for x in m["knots"]]
+        self.m_vals = [float(x) for x in m["values"]]
         self.m = [float(m[k]) for k in MIXED_TERMS]
         self.block_size = int(data["block_size"])
         self.num_kv_blocks = data.get("num_kv_blocks")
@@ -130,14 +157,22 @@ class ProfiledCost(CostModel):
         self.migration_s_per_block = float(copies.get("migration_s_per_block", 0.0))
         self.migration_s_per_stage = float(copies.get("migration_s_per_stage", 0.0))
 
+    @staticmethod
+    def _interp(x: float, knots: list[float], vals: list[float]) -> float:
+        if len(knots) == 1:
+            return vals[0]
+        i = bisect.bisect_right(knots, x) - 1
+        i = min(max(i, 0), len(knots) - 2)
+        k0 = knots[i]
+        return vals[i] + (vals[i + 1] - vals[i]) * (x - k0) / (knots[i + 1] - k0)
+
     def decode_time(self, num_seqs: int, context: int) -> float:
-        d = self.d
-        return d[0] + d[1] * num_seqs + d[2] * context
+        return self._interp(num_seqs, self.d_knots, self.d_vals) + self.d_ctx * context
 
     def mixed_time(self, s: StepShape) -> float:
         m = self.m
-        return (m[0] + m[1] * s.num_tokens + m[2] * s.num_seqs + m[3] * s.decode_context + m[4] * s.prefill_attn
-                + m[5] * s.prefill_context)
+        return (self._interp(s.num_tokens, self.m_knots, self.m_vals) + m[0] * s.num_seqs
+                + m[1] * s.decode_context + m[2] * s.prefill_attn + m[3] * s.prefill_context)
 
     def describe(self) -> dict:
         return {**super().describe(), "source": self.source, "device": self.data.get("device"),

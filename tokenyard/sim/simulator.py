@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import heapq
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -51,6 +52,9 @@ class SimConfig:
     block_groups: bool = True
     host_cache: bool = True
     max_model_len: int = 4096
+    priority_churn_s: float | None = None   # every this many seconds, each live request gets a new priority ...
+    churn_priorities: tuple[int, ...] = (0, 1, 2, 3)   # ... drawn from these (bench's --priority-churn)
+    seed: int = 0
     collapse: bool = True             # collapsed decode spans (off: every step run through the scheduler)
     record_tokens: bool = True        # every token's time (ITL); off: first and last only
     check_invariants: bool = False    # the scheduler's invariants after every step (tests)
@@ -60,6 +64,8 @@ class SimConfig:
             raise ValueError(f"--instances: must be at least 1, got {self.num_instances}")
         if not self.interval_s > 0:
             raise ValueError(f"interval_s must be positive, got {self.interval_s}")
+        if self.priority_churn_s is not None and not self.priority_churn_s > 0:
+            raise ValueError(f"priority_churn_s must be positive, got {self.priority_churn_s}")
         make_dispatch(self.dispatch)   # the name is checked here
 
 
@@ -108,6 +114,7 @@ class Simulator:
         self._migrations: list[tuple[float, int, str, _Migration]] = []
         self._busy: set[str] = set()
         self._seq = 0
+        self._rng = random.Random(self.config.seed)
         self.migrations = 0
         self.migrations_aborted = 0
 
@@ -126,6 +133,8 @@ class Simulator:
             self._push_arrival(chain[0].arrival_s or 0.0, ci, 0)
         chained = any(len(ch) > 1 for ch in self._chains)
         next_control = self.config.interval_s if self.config.migration else math.inf
+        churn = self.config.priority_churn_s
+        next_churn = churn if churn is not None else math.inf
         inf = math.inf
         while True:
             ta = self._arrivals[0][0] if self._arrivals else inf
@@ -134,12 +143,19 @@ class Simulator:
             if ta == inf and tm == inf and ts == inf:
                 break
             tc = next_control if (ts < inf or tm < inf) else inf
-            t_ext = min(ta, tm, tc)
+            tp = next_churn if ts < inf else inf
+            t_ext = min(ta, tm, tc, tp)
             if t_ext <= ts:
+                if tp == t_ext and ta != t_ext:
+                    self._churn()
+                    next_churn = tp + churn
+                    continue
                 if ta == t_ext:
                     _, _, ci, turn = heapq.heappop(self._arrivals)
                     if next_control < ta:   # idle meanwhile: the coordinator's next look after this arrival
                         next_control += math.ceil((ta - next_control) / self.config.interval_s) * self.config.interval_s
+                    if next_churn < ta:
+                        next_churn += math.ceil((ta - next_churn) / churn) * churn
                     self._arrive(ta, ci, turn)
                 elif tm == t_ext:
                     self._migration_event(heapq.heappop(self._migrations))
@@ -227,6 +243,17 @@ class Simulator:
             self._push_arrival(t, ci, turn + 1)
         else:
             self._prompt.pop(ci, None)
+
+    def _churn(self) -> None:
+        """Every live request gets a priority drawn anew (in id order, from one seeded generator), as
+        ``tokenyard bench serve --priority-churn`` does through the API."""
+        choices = self.config.churn_priorities
+        for inst in self.instances:
+            ids = sorted(inst.sched.requests)
+            for rid in ids:
+                inst.sched.set_priority(rid, choices[self._rng.randrange(len(choices))])
+            if ids:
+                inst.touch()
 
     # ------------------------------------------------------------------ migration
     def _control(self, t: float) -> None:

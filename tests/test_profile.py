@@ -1,0 +1,41 @@
+"""`tokenyard profile`: the real engine's steps timed and fitted into a cost model the simulator reads."""
+
+from __future__ import annotations
+
+import json
+
+from tokenyard.bench.workload import RequestSpec
+from tokenyard.config import EngineConfig
+from tokenyard.engine.profiler import Probes, profile
+from tokenyard.sched.scheduler import SchedulerConfig
+from tokenyard.sim.cost import ProfiledCost, StepShape, load_cost_model
+from tokenyard.sim.simulator import SimConfig, Simulator
+
+
+def test_profile_of_a_tiny_model_feeds_the_simulator(tiny_llama_dir, tmp_path):
+    cfg = EngineConfig(model=str(tiny_llama_dir), max_num_batched_tokens=32, max_num_seqs=8, block_size=4,
+                       num_kv_blocks=400, dtype="float32")
+    out = tmp_path / "profile.json"
+    probes = Probes(decode_batches=(1, 2, 4, 8), decode_contexts=(8, 40), prefill_lengths=(4, 16, 32, 64),
+                    prefill_background=(0, 2), max_probe_tokens=200)
+    lines: list[str] = []
+    data = profile(cfg, out, repeats=3, log=lines.append, probes=probes)
+    assert any("decode: 4 requests at 40 tokens" in x for x in lines)
+    assert not any("decode: 8 requests at 40 tokens" in x for x in lines)   # over max_probe_tokens
+    assert any("decode: 8 requests at 8 tokens" in x for x in lines)
+    saved = json.loads(out.read_text())
+    assert saved["version"] == 2 and saved["num_kv_blocks"] == 400 and saved["block_size"] == 4
+    assert saved["decode"]["knots"] == [1.0, 2.0, 4.0, 8.0]
+    assert saved["mixed"]["knots"] == [4.0, 16.0, 32.0]
+    assert data["fit"]["decode_shapes"] >= 5 and data["fit"]["mixed_shapes"] >= 6
+    assert saved["copies"]["migration_s_per_block"] > 0
+    cm = load_cost_model(str(out), block_size=4)
+    assert isinstance(cm, ProfiledCost)
+    # Every fitted step time is positive and larger steps cost more.
+    assert 0 < cm.decode_time(1, 8) < cm.decode_time(8, 8 * 40)
+    assert 0 < cm.step_time(StepShape(4, 1, 0, 0, 10, 4)) < cm.step_time(StepShape(32, 1, 0, 0, 528, 32))
+    # Measured step times are matched by the fit within reason (tiny steps on a shared CPU are noisy).
+    assert data["fit"]["decode_mean_rel_error"] < 0.5 and data["fit"]["mixed_mean_rel_error"] < 0.5
+    res = Simulator(SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=8), cm, SimConfig(max_model_len=200)) \
+        .run([RequestSpec(i, 20, 10, 0.01 * i) for i in range(6)])
+    assert all(r.ok for r in res.records)

@@ -1,0 +1,277 @@
+"""``tokenyard profile``: measure the real engine on this machine and write a cost model for the simulator.
+
+Every step of a set of probe workloads is timed whole (``LLMEngine.step()``: scheduling, the forward pass,
+sampling, detokenization, as the server's loop runs it) together with the shape of the scheduler's decision.
+Two linear models are fitted to the medians (decode-only steps and steps with prefill run different code paths):
+
+- decode-only: ``a + b * sequences + c * keys read``;
+- with prefill: ``a + b * tokens + c * sequences + d * decode keys + e * prefill query-key pairs + f * prefill
+  keys``.
+
+Copies are timed too: a swap of n blocks between device and host (``KVStore.copy``) and a migration's read and
+write of n blocks (``MigrationEndpoint``'s numpy path, without the transport between processes).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tokenyard.config import EngineConfig
+from tokenyard.engine.llm_engine import LLMEngine
+from tokenyard.sampling_params import SamplingParams
+from tokenyard.sched.output import SchedulerOutput
+from tokenyard.sim.cost import (
+    DECODE_TERMS,
+    MIXED_TERMS,
+    PROFILE_KIND,
+    StepShape,
+    decode_features,
+    fit_linear,
+    mixed_features,
+)
+
+
+@dataclass(frozen=True)
+class Probes:
+    """The step shapes measured: decode batches at contexts, prompts prefilled beside decoding requests."""
+
+    decode_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    decode_contexts: tuple[int, ...] = (32, 256, 1024)
+    prefill_lengths: tuple[int, ...] = (8, 32, 128, 256, 512, 1024)
+    prefill_background: tuple[int, ...] = (0, 8, 32)
+    max_probe_tokens: int = 16384   # prompt tokens one decode probe prefills at most (a CPU needs minutes more)
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class StepTimer:
+    """Wraps the engine's scheduler so each step's decision is kept beside the step's wall time."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.last: SchedulerOutput | None = None
+        sched = engine.scheduler
+        inner = sched.schedule
+
+        def schedule() -> SchedulerOutput:
+            self.last = inner()
+            return self.last
+
+        sched.schedule = schedule   # type: ignore[method-assign]
+
+    def step(self) -> tuple[StepShape, float]:
+        t0 = time.perf_counter()
+        self.engine.step()
+        dt = time.perf_counter() - t0
+        assert self.last is not None
+        return StepShape.of(self.last), dt
+
+
+class Profiler:
+    def __init__(self, engine: LLMEngine, log: Callable[[str], None] = print, repeats: int = 5) -> None:
+        self.engine = engine
+        self.timer = StepTimer(engine)
+        self.log = log
+        self.repeats = repeats
+        self.samples: list[tuple[tuple, StepShape, float]] = []   # (probe and step in it, shape, seconds)
+        self.rng = np.random.default_rng(0)
+        self._n = 0
+        vocab = engine.model_config.vocab_size
+        self._vocab = min(vocab, 30000)
+
+    def _prompt(self, n: int) -> list[int]:
+        return [int(x) for x in self.rng.integers(min(100, self._vocab // 2), self._vocab, n)]
+
+    def _add(self, prompt_len: int, max_tokens: int) -> str:
+        self._n += 1
+        rid = f"profile-{self._n}"
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        self.engine.add_request(self._prompt(prompt_len), params, request_id=rid)
+        return rid
+
+    def _drain(self) -> None:
+        while self.engine.has_unfinished_requests():
+            self.engine.step()
+
+    def decode(self, batch: int, context: int) -> None:
+        """``batch`` requests decoding at about ``context`` keys each: prefill them untimed, then time decodes."""
+        budget = self.engine.config.max_num_batched_tokens
+        if batch > self.engine.config.max_num_seqs or batch > budget:
+            return
+        for _ in range(batch):
+            self._add(context, self.repeats + 2)
+        while True:   # until every request has its first token (prefill done)
+            shape, _ = self.timer.step()
+            if shape.decode_only:
+                break
+        for _ in range(self.repeats):
+            shape, dt = self.timer.step()
+            if shape.decode_only and shape.num_seqs == batch:
+                self.samples.append((("decode", batch, context), shape, dt))
+        self._drain()
+
+    def prefill(self, length: int, background: int) -> None:
+        """One prompt of ``length`` tokens prefilled beside ``background`` decoding requests; every step with
+        prefill work is a sample."""
+        keep = max(self.engine.max_model_len - 64 - 1, 1)
+        for _ in range(background):
+            self._add(64, keep)
+        while background:
+            shape, _ = self.timer.step()
+            if shape.decode_only:
+                break
+        for _ in range(self.repeats):
+            rid = self._add(length, 1)
+            chunk = 0
+            while rid in self.engine.scheduler.requests:
+                shape, dt = self.timer.step()
+                if not shape.decode_only:
+                    self.samples.append((("prefill", length, background, chunk), shape, dt))
+                    chunk += 1
+        self.engine.abort_request(list(self.engine.scheduler.requests))
+        self._drain()
+
+    def run(self, probes: Probes) -> None:
+        cfg = self.engine.config
+        ctxs = [c for c in probes.decode_contexts if c + self.repeats + 4 <= self.engine.max_model_len]
+        for b in probes.decode_batches:
+            for c in ctxs:
+                if c != ctxs[0] and b * c > probes.max_probe_tokens:
+                    continue   # the context term is fitted from the smaller batches
+                self.log(f"decode: {b} requests at {c} tokens")
+                self.decode(b, c)
+        for n in probes.prefill_lengths:
+            if n + 2 > self.engine.max_model_len:
+                continue
+            for bg in probes.prefill_background:
+                if bg >= cfg.max_num_seqs:
+                    continue
+                self.log(f"prefill: {n} tokens beside {bg} decodes")
+                self.prefill(n, bg)
+
+    # ------------------------------------------------------------------ copies
+    def copies(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        store = self.engine.runner.store
+        kv = self.engine.kv
+        n = min(64, kv.pool.num_blocks, store.num_host_blocks if hasattr(store, "num_host_blocks") else 64)
+        if getattr(store, "host_k", None) is not None and n > 0:
+            try:
+                seg_one = [(0, 0, n)]
+                seg_many = [(i, i, 1) for i in range(n)]
+                t_one = _median_time(lambda: store.copy(seg_one, to_host=True))
+                t_many = _median_time(lambda: store.copy(seg_many, to_host=True))
+                per_copy = max((t_many - t_one) / max(n - 1, 1), 0.0)
+                out["swap_s_per_block"] = max(t_one / n, 0.0)
+                out["swap_s_per_copy"] = per_copy
+            except Exception as e:  # noqa: BLE001 - a profile without swap costs is still a profile
+                self.log(f"swap copies not measured: {type(e).__name__}: {e}")
+        from tokenyard.engine.migration import MigrationEndpoint
+
+        ep = MigrationEndpoint(self.engine)
+        ids = list(range(min(64, kv.pool.num_blocks)))
+        data = ep._read(ids)
+        t_read = _median_time(lambda: ep._read(ids))
+        t_write = _median_time(lambda: ep._write(ids, data))
+        out["migration_s_per_block"] = (t_read + t_write) / len(ids)
+        out["migration_s_per_stage"] = 0.0
+        return out
+
+
+def _median_time(fn: Callable[[], object], n: int = 7) -> float:
+    fn()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def fit(samples: list[tuple[tuple, StepShape, float]], decode_knots: list[float], mixed_knots: list[float]) -> dict:
+    """Fit both models to each probe step's median (its shape: the shape of the median sample); returns the
+    profile's ``decode``, ``mixed`` and ``fit`` parts."""
+    groups: dict[tuple, list[tuple[float, StepShape]]] = {}
+    for key, shape, dt in samples:
+        groups.setdefault(key, []).append((dt, shape))
+    med = []
+    for runs in groups.values():
+        runs.sort(key=lambda x: x[0])
+        dt, shape = runs[(len(runs) - 1) // 2]
+        med.append((shape, dt))
+    dec = [(s, t) for s, t in med if s.decode_only]
+    mix = [(s, t) for s, t in med if not s.decode_only]
+    if len(dec) < len(decode_knots) + 1 or len(mix) < len(mixed_knots) + 4:
+        raise RuntimeError(f"too few step shapes measured to fit ({len(dec)} decode, {len(mix)} with prefill)")
+    dk, mk = len(decode_knots), len(mixed_knots)
+    dcoef, derr = fit_linear([decode_features(s.num_seqs, s.decode_context, decode_knots) for s, _ in dec],
+                             [t for _, t in dec])
+    mcoef, merr = fit_linear([mixed_features(s, mixed_knots) for s, _ in mix], [t for _, t in mix])
+    return {
+        "decode": {"knots": decode_knots, "values": dcoef[:dk], **dict(zip(DECODE_TERMS, dcoef[dk:]))},
+        "mixed": {"knots": mixed_knots, "values": mcoef[:mk], **dict(zip(MIXED_TERMS, mcoef[mk:]))},
+        "fit": {"decode_shapes": len(dec), "decode_mean_rel_error": derr, "mixed_shapes": len(mix),
+                "mixed_mean_rel_error": merr},
+        "samples": [{"shape": [s.num_tokens, s.num_seqs, s.num_decodes, s.decode_context, s.prefill_attn,
+                               s.prefill_context], "seconds": t} for s, t in med],
+    }
+
+
+def knots_for(config: EngineConfig, probes: Probes) -> tuple[list[float], list[float]]:
+    """Knots at the batch sizes and token counts the probes measure."""
+    cap = min(config.max_num_seqs, config.max_num_batched_tokens)
+    dec = sorted({float(b) for b in probes.decode_batches if b <= cap})
+    budget = config.max_num_batched_tokens   # a step never has more tokens: the last knot
+    mix = sorted({float(min(n, budget)) for n in probes.prefill_lengths} | {float(budget)})
+    return dec, mix
+
+
+def profile(config: EngineConfig, out_path: str | Path, repeats: int = 5,
+            log: Callable[[str], None] | None = None, probes: Probes | None = None) -> dict:
+    say = log or (lambda m: print(f"tokenyard profile: {m}", file=sys.stderr, flush=True))
+    say(f"loading {config.model or 'the bundled SmolLM2-135M-Instruct'} ...")
+    engine = LLMEngine(config)
+    prof = Profiler(engine, say, repeats)
+    say("warming up ...")
+    probes = probes or Probes()
+    prof.decode(min(4, config.max_num_seqs), 32)
+    prof.samples.clear()
+    t0 = time.perf_counter()
+    prof.run(probes)
+    say(f"{len(prof.samples)} steps timed in {time.perf_counter() - t0:.0f} s; timing KV copies ...")
+    copies = prof.copies()
+    fitted = fit(prof.samples, *knots_for(config, probes))
+    dev = engine.runner.device
+    data = {
+        "kind": PROFILE_KIND, "version": 2,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu: {cpu_name()}",
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "model": config.model or "bundled SmolLM2-135M-Instruct", "dtype": str(engine.runner.dtype),
+        "quantization": engine.quantization,
+        "block_size": config.block_size, "num_kv_blocks": engine.kv.pool.num_blocks,
+        "max_num_batched_tokens": config.max_num_batched_tokens, "max_num_seqs": config.max_num_seqs,
+        "max_model_len": engine.max_model_len, "copies": copies, **fitted,
+    }
+    Path(out_path).write_text(json.dumps(data, indent=1))
+    f = fitted["fit"]
+    say(f"fit: decode {f['decode_mean_rel_error'] * 100:.1f}% mean error over {f['decode_shapes']} shapes, "
+        f"with prefill {f['mixed_mean_rel_error'] * 100:.1f}% over {f['mixed_shapes']}; wrote {out_path}")
+    return data
