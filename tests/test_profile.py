@@ -39,3 +39,35 @@ def test_profile_of_a_tiny_model_feeds_the_simulator(tiny_llama_dir, tmp_path):
     res = Simulator(SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=8), cm, SimConfig(max_model_len=200)) \
         .run([RequestSpec(i, 20, 10, 0.01 * i) for i in range(6)])
     assert all(r.ok for r in res.records)
+
+
+def test_step_log_of_a_serving_engine_fits_a_profile(tiny_llama_dir, tmp_path):
+    from tokenyard.entrypoints.llm import LLM
+    from tokenyard.sampling_params import SamplingParams
+    from tokenyard.sim.steplog import profile_from_step_log, read_step_log
+
+    log = tmp_path / "steps.jsonl"
+    llm = LLM(model=str(tiny_llama_dir), max_num_batched_tokens=16, max_num_seqs=8, block_size=4, num_kv_blocks=200,
+              dtype="float32", step_log=str(log))
+    for n in (1, 3, 8):
+        llm.generate([[5 + i] * (6 + 3 * i) for i in range(n)], SamplingParams(max_tokens=30, ignore_eos=True))
+    header, steps = read_step_log(log)
+    assert header["num_kv_blocks"] == 200 and header["max_num_batched_tokens"] == 16
+    assert len(steps) == llm.engine.num_steps
+    assert all(cost > 0 for _, cost in steps)
+    assert {s.num_seqs for s, _ in steps if s.decode_only} >= {1, 3, 8}
+    data = profile_from_step_log([log])
+    assert data["block_size"] == 4 and data["source"].startswith("step log")
+    cm = load_cost_model(str(_write(tmp_path / "p.json", data)), block_size=4)
+    assert 0 < cm.decode_time(1, 10) and 0 < cm.step_time(StepShape(16, 2, 1, 10, 60, 12))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"t": 1, "s": 0.1, "shape": [1, 1, 1, 1, 0, 0]}\n')
+    import pytest
+
+    with pytest.raises(ValueError, match="header"):
+        read_step_log(bad)
+
+
+def _write(path, data):
+    path.write_text(json.dumps(data))
+    return path

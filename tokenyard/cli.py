@@ -12,6 +12,7 @@ import sys
 import time
 import types
 import typing
+from pathlib import Path
 
 from tokenyard.config import EngineConfig
 
@@ -284,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
                                "for `tokenyard simulate --cost-model FILE`")
     prof.add_argument("--output", "-o", default="tokenyard-profile.json", help="the profile file to write")
     prof.add_argument("--repeats", type=int, default=5, help="timed steps per probe shape (their median is fitted)")
+    prof.add_argument("--from-step-log", nargs="+", default=None, metavar="FILE",
+                      help="fit to steps logged while serving (`tokenyard serve --step-log FILE`) instead of "
+                           "running probes: the model then includes what serving costs beside the forward pass")
+    prof.add_argument("--copies-from", default=None, metavar="PROFILE",
+                      help="with --from-step-log: take the KV copy speeds from this probe profile")
     add_engine_args(prof)
     prof.set_defaults(func=_profile)
 
@@ -297,6 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _profile(args: argparse.Namespace) -> int:
+    if args.from_step_log:
+        import json
+
+        from tokenyard.sim.steplog import profile_from_step_log, summary_line
+
+        base = json.loads(Path(args.copies_from).read_text()) if args.copies_from else None
+        data = profile_from_step_log(args.from_step_log, base)
+        Path(args.output).write_text(json.dumps(data, indent=1))
+        print(f"tokenyard profile: fit: {summary_line(data)}; wrote {args.output}", file=sys.stderr)
+        return 0
     from tokenyard.engine.profiler import profile
 
     if args.repeats < 1:

@@ -60,6 +60,8 @@ class EngineConfig:
                              "q4_1 blocks of 32, the embedding q8_0); none runs fp32", QUANTIZATIONS)
     num_threads: int | None = _opt(None, "torch CPU threads (default: torch's)")
     check_invariants: bool = _opt(False, "run the scheduler/KV integrity check after every step (tests; slower)")
+    step_log: str | None = _opt(None, "append one JSON line per step to this file (the step's shape and seconds): "
+                                "`tokenyard profile --from-step-log FILE` fits the simulator's cost model to them")
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "block_size"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import platform
 import sys
 import time
 from collections.abc import Iterable
@@ -21,8 +22,10 @@ from tokenyard.model.loader import load_state_dict, read_hf_config, resolve_mode
 from tokenyard.model.tokenizer import Tokenizer
 from tokenyard.outputs import RequestOutput
 from tokenyard.sampling_params import InvalidParameterError, SamplingParams
+from tokenyard.sched.output import SchedulerOutput
 from tokenyard.sched.request import Request, RequestStatus
 from tokenyard.sched.scheduler import Scheduler, SchedulerConfig
+from tokenyard.sim.steplog import StepLog
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,17 @@ def resolve_quantization(name: str, device: torch.device, dtype: torch.dtype) ->
     if name == "auto":
         return "none"
     raise ValueError(f"quantization {name!r}: {why}")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def check_max_tokens(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
@@ -168,6 +182,8 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.num_steps = 0
         self.load_time_s = time.perf_counter() - t0
+        self._last_out = SchedulerOutput()
+        self._step_log = StepLog(config.step_log, self.step_log_header()) if config.step_log else None
 
     # ------------------------------------------------------------------ requests
     def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -272,6 +288,7 @@ class LLMEngine:
         its output has finish_reason "abort" and ``error`` set. Failures of the forward pass itself propagate.
         """
         outputs = []
+        t0 = time.perf_counter()
         now = time.monotonic()
         for ev in self.step_events():
             if ev.request_id not in self.outputs:
@@ -281,12 +298,14 @@ class LLMEngine:
                 self.scheduler.finish_requests([ev.request_id], RequestStatus(out.finish_reason))
             if out is not None:
                 outputs.append(out)
+        if self._step_log is not None and self._last_out.chunks:
+            self._step_log.write(t0, time.perf_counter() - t0, self._last_out)
         return outputs
 
     def step_events(self) -> list[TokenEvent]:
         """One scheduling decision, one forward pass; each request's news as token ids (no text). A request
         whose sampling failed is aborted here and reported with ``error`` set."""
-        out = self.scheduler.schedule()
+        out = self._last_out = self.scheduler.schedule()
         if self.config.check_invariants:
             self.scheduler.check_output(out)
         if out.finished:
@@ -364,6 +383,16 @@ class LLMEngine:
         log.info("KV cache: %d blocks (%.1f GiB) from gpu_memory_utilization=%.2f", blocks,
                  blocks * per_block / 2**30, cfg.gpu_memory_utilization)
         return blocks
+
+    def step_log_header(self) -> dict:
+        """What a step log (and a profile) records of this engine."""
+        dev = self.runner.device
+        return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu: {cpu_name()}",
+                "threads": torch.get_num_threads(), "torch": torch.__version__, "model": self.model_name,
+                "dtype": str(self.runner.dtype), "quantization": self.quantization,
+                "block_size": self.config.block_size, "num_kv_blocks": self.kv.pool.num_blocks,
+                "max_num_batched_tokens": self.config.max_num_batched_tokens,
+                "max_num_seqs": self.config.max_num_seqs, "max_model_len": self.max_model_len}
 
     def _sample_error(self, rid: str) -> str:
         state = self.runner.states.get(rid)

@@ -15,7 +15,6 @@ write of n blocks (``MigrationEndpoint``'s numpy path, without the transport bet
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import sys
 import time
@@ -24,21 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from tokenyard.config import EngineConfig
 from tokenyard.engine.llm_engine import LLMEngine
 from tokenyard.sampling_params import SamplingParams
 from tokenyard.sched.output import SchedulerOutput
 from tokenyard.sim.cost import (
-    DECODE_TERMS,
-    MIXED_TERMS,
     PROFILE_KIND,
     StepShape,
-    decode_features,
-    fit_linear,
-    mixed_features,
 )
+from tokenyard.sim.steplog import fit_profile, summary_line
 
 
 @dataclass(frozen=True)
@@ -50,16 +44,6 @@ class Probes:
     prefill_lengths: tuple[int, ...] = (8, 32, 128, 256, 512, 1024)
     prefill_background: tuple[int, ...] = (0, 8, 32)
     max_probe_tokens: int = 16384   # prompt tokens one decode probe prefills at most (a CPU needs minutes more)
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class StepTimer:
@@ -206,35 +190,6 @@ def _median_time(fn: Callable[[], object], n: int = 7) -> float:
     return statistics.median(ts)
 
 
-def fit(samples: list[tuple[tuple, StepShape, float]], decode_knots: list[float], mixed_knots: list[float]) -> dict:
-    """Fit both models to each probe step's median (its shape: the shape of the median sample); returns the
-    profile's ``decode``, ``mixed`` and ``fit`` parts."""
-    groups: dict[tuple, list[tuple[float, StepShape]]] = {}
-    for key, shape, dt in samples:
-        groups.setdefault(key, []).append((dt, shape))
-    med = []
-    for runs in groups.values():
-        runs.sort(key=lambda x: x[0])
-        dt, shape = runs[(len(runs) - 1) // 2]
-        med.append((shape, dt))
-    dec = [(s, t) for s, t in med if s.decode_only]
-    mix = [(s, t) for s, t in med if not s.decode_only]
-    if len(dec) < len(decode_knots) + 1 or len(mix) < len(mixed_knots) + 4:
-        raise RuntimeError(f"too few step shapes measured to fit ({len(dec)} decode, {len(mix)} with prefill)")
-    dk, mk = len(decode_knots), len(mixed_knots)
-    dcoef, derr = fit_linear([decode_features(s.num_seqs, s.decode_context, decode_knots) for s, _ in dec],
-                             [t for _, t in dec])
-    mcoef, merr = fit_linear([mixed_features(s, mixed_knots) for s, _ in mix], [t for _, t in mix])
-    return {
-        "decode": {"knots": decode_knots, "values": dcoef[:dk], **dict(zip(DECODE_TERMS, dcoef[dk:]))},
-        "mixed": {"knots": mixed_knots, "values": mcoef[:mk], **dict(zip(MIXED_TERMS, mcoef[mk:]))},
-        "fit": {"decode_shapes": len(dec), "decode_mean_rel_error": derr, "mixed_shapes": len(mix),
-                "mixed_mean_rel_error": merr},
-        "samples": [{"shape": [s.num_tokens, s.num_seqs, s.num_decodes, s.decode_context, s.prefill_attn,
-                               s.prefill_context], "seconds": t} for s, t in med],
-    }
-
-
 def knots_for(config: EngineConfig, probes: Probes) -> tuple[list[float], list[float]]:
     """Knots at the batch sizes and token counts the probes measure."""
     cap = min(config.max_num_seqs, config.max_num_batched_tokens)
@@ -258,20 +213,9 @@ def profile(config: EngineConfig, out_path: str | Path, repeats: int = 5,
     prof.run(probes)
     say(f"{len(prof.samples)} steps timed in {time.perf_counter() - t0:.0f} s; timing KV copies ...")
     copies = prof.copies()
-    fitted = fit(prof.samples, *knots_for(config, probes))
-    dev = engine.runner.device
-    data = {
-        "kind": PROFILE_KIND, "version": 2,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu: {cpu_name()}",
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "model": config.model or "bundled SmolLM2-135M-Instruct", "dtype": str(engine.runner.dtype),
-        "quantization": engine.quantization,
-        "block_size": config.block_size, "num_kv_blocks": engine.kv.pool.num_blocks,
-        "max_num_batched_tokens": config.max_num_batched_tokens, "max_num_seqs": config.max_num_seqs,
-        "max_model_len": engine.max_model_len, "copies": copies, **fitted,
-    }
+    fitted = fit_profile(prof.samples, *knots_for(config, probes))
+    data = {"kind": PROFILE_KIND, "version": 2, "source": "tokenyard profile probes", **engine.step_log_header(),
+            "copies": copies, **fitted}
     Path(out_path).write_text(json.dumps(data, indent=1))
-    f = fitted["fit"]
-    say(f"fit: decode {f['decode_mean_rel_error'] * 100:.1f}% mean error over {f['decode_shapes']} shapes, "
-        f"with prefill {f['mixed_mean_rel_error'] * 100:.1f}% over {f['mixed_shapes']}; wrote {out_path}")
+    say(f"fit: {summary_line(data)}; wrote {out_path}")
     return data
