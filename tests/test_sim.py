@@ -51,9 +51,11 @@ class ToyCost(CostModel):
 
 
 def _records(specs, sched: SchedulerConfig, cfg: SimConfig, cost: CostModel):
-    res = Simulator(sched, cost, cfg).run(specs)
+    sim = Simulator(sched, cost, cfg)
+    res = sim.run(specs)
+    ledgers = [(dict(i.sched.ledger.service), dict(i.sched.ledger.counter)) for i in sim.instances]
     return res, [(r.index, r.send_s, r.ttft_s, r.latency_s, tuple(r.token_s), r.finish_reason, r.error_kind)
-                 for r in res.records]
+                 for r in res.records] + [ledgers]
 
 
 def _both(specs, sched, cfg_kw, cost_factory):

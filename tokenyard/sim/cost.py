@@ -71,6 +71,17 @@ class CostModel(ABC):
     def mixed_time(self, s: StepShape) -> float:
         """A step with prefill work."""
 
+    def decode_ends(self, t: float, num_seqs: int, context: int, k: int, limit: float) -> list[float]:
+        """End times of up to ``k`` decode steps of ``num_seqs`` sequences from ``t`` (the context growing by
+        ``num_seqs`` a step), while a step starts before ``limit``: exactly ``t = t + decode_time(...)`` per step."""
+        ends: list[float] = []
+        decode_time = self.decode_time
+        while len(ends) < k and t < limit:
+            t = t + decode_time(num_seqs, context)
+            ends.append(t)
+            context += num_seqs
+        return ends
+
     def step_time(self, s: StepShape) -> float:
         if s.num_seqs == 0:
             return 0.0
@@ -168,6 +179,15 @@ class ProfiledCost(CostModel):
 
     def decode_time(self, num_seqs: int, context: int) -> float:
         return self._interp(num_seqs, self.d_knots, self.d_vals) + self.d_ctx * context
+
+    def decode_ends(self, t: float, num_seqs: int, context: int, k: int, limit: float) -> list[float]:
+        base, dc = self._interp(num_seqs, self.d_knots, self.d_vals), self.d_ctx   # decode_time's two terms
+        ends: list[float] = []
+        while len(ends) < k and t < limit:
+            t = t + (base + dc * context)
+            ends.append(t)
+            context += num_seqs
+        return ends
 
     def mixed_time(self, s: StepShape) -> float:
         m = self.m
@@ -276,6 +296,23 @@ class _FirstPrinciples(CostModel):
     def attention_time(self, pairs: float, keys: float) -> float:
         return max(pairs * self._attn_flop / self._peak, keys * self._kv_byte / self._bw)
 
+    def decode_base(self, num_seqs: int) -> float:
+        """A decode step's time apart from attention."""
+        raise NotImplementedError
+
+    def decode_time(self, num_seqs: int, context: int) -> float:
+        # each decode query reads its context: query-key pairs = keys = context
+        return self.decode_base(num_seqs) + self.attention_time(context, context)
+
+    def decode_ends(self, t: float, num_seqs: int, context: int, k: int, limit: float) -> list[float]:
+        base, attn = self.decode_base(num_seqs), self.attention_time
+        ends: list[float] = []
+        while len(ends) < k and t < limit:
+            t = t + (base + attn(context, context))
+            ends.append(t)
+            context += num_seqs
+        return ends
+
     def describe(self) -> dict:
         return {**super().describe(), "model": asdict(self.model), "device": asdict(self.device), "mfu": self.mfu,
                 "mbu": self.mbu, "overhead_s": self.overhead_s}
@@ -297,8 +334,8 @@ class RooflineCost(_FirstPrinciples):
         flops = tokens * self._flop_per_token + samples * self._head_flop
         return max(flops / self._peak, self._weights / self._bw)
 
-    def decode_time(self, num_seqs: int, context: int) -> float:
-        return self.overhead_s + self._linear(num_seqs, num_seqs) + self.attention_time(num_seqs, context)
+    def decode_base(self, num_seqs: int) -> float:
+        return self.overhead_s + self._linear(num_seqs, num_seqs)
 
     def mixed_time(self, s: StepShape) -> float:
         return (self.overhead_s + self._linear(s.num_tokens, s.num_seqs)
@@ -342,9 +379,8 @@ class VidurCost(_FirstPrinciples):
     def _head(self, samples: int) -> float:
         return max(samples * self._head_flop / self._peak, self._head_bytes / self._bw)
 
-    def decode_time(self, num_seqs: int, context: int) -> float:
-        return (self.overhead_s + self.layers_time(num_seqs) + self._head(num_seqs)
-                + self.attention_time(num_seqs, context))
+    def decode_base(self, num_seqs: int) -> float:
+        return self.overhead_s + self.layers_time(num_seqs) + self._head(num_seqs)
 
     def mixed_time(self, s: StepShape) -> float:
         return (self.overhead_s + self.layers_time(s.num_tokens) + self._head(s.num_seqs)

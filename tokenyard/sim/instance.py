@@ -18,7 +18,7 @@ before:
 - a queue head that could start: a span with a queued head only runs under ``fcfs`` / ``priority`` (whose head
   does not change), when the head did not fit, may preempt no running request, and no block the span
   registers in the prefix cache continues the head's prefix hit;
-- more decodes than the token budget, prefill work, KV in flight, or a preemption (none of which is a span).
+- more decodes than the token budget, prefill work or KV in flight (none of which is a span).
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ class SimInstance:
             self._emit(req, end)
         if self.check:
             s.check_invariants()
-        self._steady = self.collapse and self._is_steady(out)
+        self._steady = self.collapse and self._is_steady()
         return True
 
     def _emit(self, req: Request, t: float) -> None:
@@ -174,16 +174,15 @@ class SimInstance:
             self.on_finish(req, t)
 
     # ------------------------------------------------------------------ collapsed spans
-    def _is_steady(self, out) -> bool:
-        """Would the next steps repeat this one (every running request decoding, nothing else to start)?"""
+    def _is_steady(self) -> bool:
+        """Will the next steps be the same decode step again: every running request decoding, no KV in flight, and
+        nothing queued that could start? (Whatever the last step did: it may have ended prefills, finished,
+        preempted or admitted requests.)"""
         s = self.sched
         running = s.running
-        if (not running or out.transfers or out.wait_for or out.preempted or self._in_flight or s.detached
-                or len(out.chunks) != len(running) or len(running) > s.config.max_num_batched_tokens):
+        if (not running or self._in_flight or self.kv.transfers or s.detached
+                or len(running) > s.config.max_num_batched_tokens):
             return False
-        for c in out.chunks:
-            if len(c.token_ids) != 1 or not c.sample:
-                return False
         for r in running:
             if r.num_tokens - r.num_computed_tokens != 1:
                 return False
@@ -223,7 +222,13 @@ class SimInstance:
         return s._blocks_short(head, computed + n, hits) > 0
 
     def _span(self, limit: float) -> bool:
-        """Run the decode steps that repeat the last one, starting before ``limit``. False: none can run."""
+        """Run the decode steps that repeat the last one, starting before ``limit``. False: none can run.
+
+        Only the steps where something happens are visited: a request's block allocation (its context reaching a
+        block boundary, in the step's schedule) and prefix-cache registration (a block filled, in its update).
+        Charges are applied in bulk between them: each tenant's counter gets the same additions, in the same
+        order, as stepping makes (a tenant's additions are all alike), so VTC's ordering at the visited steps
+        and the counters after the span are exactly stepping's."""
         s, kv, bs = self.sched, self.kv, self.kv.block_size
         running = s.running
         n = len(running)
@@ -234,72 +239,83 @@ class SimInstance:
         if k_max <= 0:
             self._steady = False
             return False
-        # Step times, the same expression per step as _step.
-        cost = self.cost
-        ctx = sum(r.num_computed_tokens + 1 for r in running)
-        ends: list[float] = []
-        t = self.now
-        decode_time = cost.decode_time   # what step_time of a decode-only shape calls
-        while len(ends) < k_max and t < limit:
-            t = t + decode_time(n, ctx)
-            ends.append(t)
-            ctx += n
+        ends = self.cost.decode_ends(self.now, n, sum(r.num_computed_tokens + 1 for r in running), k_max, limit)
         k = len(ends)
         if k == 0:
             return False
-        # Block allocations (schedule of step j, urgency order) and prefix registrations (update of step j, chunk
-        # order = urgency order), replayed in step order; a shortage or a registration the queue head needs ends
-        # the span before / after that step.
-        head = s.policy.peek() if len(s.policy) else None
-        head_next_hash = self._head_next_hash(head) if head is not None else None
-        order = self._order_for_span()
+        static = self._static_order
+        urgency = s.policy.urgency
+        order = sorted(running, key=urgency) if static else running
         comp = {r.request_id: r.num_computed_tokens for r in running}
-        free = kv.pool.num_free_blocks
         by_phase: dict[int, list[Request]] = {}
         for r in order:
             by_phase.setdefault(comp[r.request_id] % bs, []).append(r)
         caching = kv.enable_prefix_caching
-        done = k
+        # The visited steps: j = -phase (mod bs) allocates, j = -phase - 1 (mod bs) registers.
+        events: set[int] = set()
+        for ph in by_phase:
+            events.update(range((-ph) % bs, k, bs))
+            if caching:
+                events.update(range((-ph - 1) % bs, k, bs))
+        head = s.policy.peek() if len(s.policy) else None
+        head_next_hash = self._head_next_hash(head) if head is not None else None
         for r in running:   # the tokens the span samples, present before the registrations hash them
             r.all_token_ids.extend([SAMPLED_TOKEN] * k)
-        frozen = None if self._static_order else getattr(s.policy, "_frozen", None)
-        for j in range(k):
-            if not self._static_order:
-                s.policy.begin_step()   # urgency from the counters as this step begins
+        tenants: dict[str, int] = {}
+        for r in running:
+            tenants[r.tenant] = tenants.get(r.tenant, 0) + 1
+        charged = 0   # steps charged so far
+        snap: dict[str, float] = {}
+        done = k
+        free = kv.pool.num_free_blocks
+        for j in sorted(events):
+            if not static:   # VTC orders by the counters as step j begins
+                if j > charged:
+                    self._charge(tenants, j - charged - 1)
+                    snap = {t: s.ledger.counter[t] for t in tenants}   # before step j - 1's charges
+                    self._charge(tenants, 1)
+                    charged = j
+                s.policy.begin_step()
             alloc = by_phase.get((-j) % bs, ())
             if alloc:
                 if len(alloc) > free:
                     done = j
                     break
-                if not self._static_order:
-                    alloc = sorted(alloc, key=s.policy.urgency)
+                if not static:
+                    alloc = sorted(alloc, key=urgency)
                 for r in alloc:
                     ok = kv.allocate_slots(r.request_id, comp[r.request_id] + j + 1)
                     require(ok, f"span: {r.request_id} could not get a block the span counted as free")
                 free = kv.pool.num_free_blocks
-            if frozen is not None:   # as VTCPolicy.charge records them, before a tenant's first charge
-                frozen = s.policy._frozen
-                counter = s.ledger.counter
-                for r in order:
-                    if r.tenant not in frozen:
-                        frozen[r.tenant] = counter[r.tenant]
-            self._charge_step(order)
             if caching:
                 reg = by_phase.get((-j - 1) % bs, ())
                 if reg:
-                    if not self._static_order:
-                        reg = sorted(reg, key=s.policy.urgency)
+                    if not static:
+                        reg = sorted(reg, key=urgency)
                     for r in reg:
                         kv.cache_full_blocks(r.request_id, r.all_token_ids, comp[r.request_id] + j + 1, r.cache_salt)
                     if head_next_hash is not None and kv.pool.get_cached_block(head_next_hash) is not None:
                         done = j + 1
                         break
+        if done == 0:
+            for r in running:
+                del r.all_token_ids[len(r.all_token_ids) - k:]
+            self._steady = False
+            return False
+        # VTC's frozen counters after the span: each tenant's before the last step's charges (recorded before a
+        # tenant's first charge in a step); the last step's charges are in already when a shortage ended the span.
+        if charged == done:
+            before_last = snap
+        else:
+            self._charge(tenants, done - 1 - charged)
+            before_last = {t: s.ledger.counter[t] for t in tenants}
+            self._charge(tenants, 1)
+        if not static and hasattr(s.policy, "_frozen"):
+            s.policy.begin_step()
+            s.policy._frozen.update(before_last)
         if done < k:
             for r in running:
                 del r.all_token_ids[len(r.all_token_ids) - (k - done):]
-            if done == 0:
-                self._steady = False
-                return False
         for r in running:
             r.num_computed_tokens += done
             r.output_token_ids.extend([SAMPLED_TOKEN] * done)
@@ -320,18 +336,21 @@ class SimInstance:
             s.check_invariants()
         return True
 
-    def _order_for_span(self) -> list[Request]:
-        return sorted(self.sched.running, key=self.sched.policy.urgency)
-
-    def _charge_step(self, order: list[Request]) -> None:
-        """One decode step's charges, as ``ServiceLedger.charge`` makes them (same float operations per tenant)."""
+    def _charge(self, tenants: dict[str, int], steps: int) -> None:
+        """``steps`` decode steps' charges, as ``ServiceLedger.charge`` makes them: per tenant, one addition per
+        request per step (repeated additions, not a product: the floats must come out as stepping's)."""
+        if steps <= 0:
+            return
         ledger = self.sched.ledger
         w_q = ledger.w_q
         service, counter, weights = ledger.service, ledger.counter, ledger.tenant_weights
-        for r in order:
-            t = r.tenant
-            service[t] += w_q
-            counter[t] += w_q / weights.get(t, 1.0)
+        for t, m in tenants.items():
+            c = w_q / weights.get(t, 1.0)
+            sv, ct = service[t], counter[t]
+            for _ in range(steps * m):
+                sv += w_q
+                ct += c
+            service[t], counter[t] = sv, ct
 
     def _head_next_hash(self, head: Request):
         """The hash of the first block of the queue head's prompt that is not in the prefix cache: a span that
