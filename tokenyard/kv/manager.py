@@ -81,6 +81,8 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.block_groups = block_groups
         self.req_blocks: dict[str, list[Block]] = {}
+        # block_ids() per request, rebuilt only after its blocks change (every 16th decode step, not each one)
+        self._ids: dict[str, list[int]] = {}
         self.host_blocks: dict[str, list[Block]] = {}
         self.transfers: dict[int, KVTransfer] = {}
         # Live migration in: device blocks reserved for a request another instance is sending (by migration id).
@@ -166,10 +168,15 @@ class KVCacheManager:
         self, req_id: str, num_tokens: int, new_computed: list[Block] = ()
     ) -> bool:
         """Make the request hold blocks for its first ``num_tokens`` tokens. False (and no change) if full."""
+        held = self.req_blocks.get(req_id)
+        if not new_computed and held is not None and num_tokens <= len(held) * self.block_size:
+            return True   # the common decode step: its blocks hold the next token already
         n_new = self.num_blocks_needed(req_id, num_tokens, new_computed)
         if n_new > self.pool.num_free_if_touched(list(new_computed)):
             return False
         blocks = self.req_blocks.setdefault(req_id, [])
+        if new_computed or n_new:
+            self._ids.pop(req_id, None)
         if new_computed:
             self.pool.touch(list(new_computed))
             blocks.extend(new_computed)
@@ -187,13 +194,23 @@ class KVCacheManager:
         if blocks and len(blocks) > keep:
             self.pool.free(blocks[keep:][::-1])
             del blocks[keep:]
+            self._ids.pop(req_id, None)
 
     def block_ids(self, req_id: str) -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(req_id, ())]
+        """The request's device block ids, in order. A shared list, valid until its blocks change: read it,
+        never modify it (a later change makes a new list)."""
+        ids = self._ids.get(req_id)
+        if ids is None:
+            blocks = self.req_blocks.get(req_id)
+            if blocks is None:
+                return []
+            ids = self._ids[req_id] = [b.block_id for b in blocks]
+        return ids
 
     def free(self, req_id: str, forget_hashes: bool = True) -> None:
         """Drop the request's own device and host references (a transfer in flight keeps its own)."""
         blocks = self.req_blocks.pop(req_id, None)
+        self._ids.pop(req_id, None)
         if blocks:
             self.pool.free(blocks[::-1])
         host = self.host_blocks.pop(req_id, None)
@@ -231,6 +248,7 @@ class KVCacheManager:
         if len(blocks) > keep:
             self.pool.free(blocks[keep:][::-1])
         self.req_blocks[req_id] = blocks[:keep]
+        self._ids.pop(req_id, None)
         self.cache_full_blocks(req_id, token_ids, num_computed, salt)
 
     # ----------------------------------------------------------------- transfers between the tiers
@@ -258,6 +276,7 @@ class KVCacheManager:
         if len(missing) > self.host_pool.num_free_if_touched(reused):
             raise RuntimeError(f"swap_out of {req_id}: host tier full (check can_swap_out first)")
         del self.req_blocks[req_id]
+        self._ids.pop(req_id, None)
         self._num_cached.pop(req_id, None)
         self.host_pool.touch(reused)
         fresh = self.host_pool.allocate(len(missing))
@@ -299,6 +318,7 @@ class KVCacheManager:
         self.pool.touch(list(device_hits))
         blocks = self.pool.allocate(len(host) - k)
         self.req_blocks[req_id] = [*device_hits, *blocks]
+        self._ids.pop(req_id, None)
         if k:
             self.host_pool.free(host[:k][::-1])   # not read: the device has them
         t = self._new_transfer(req_id, False, [(h.block_id, b.block_id) for h, b in zip(host[k:], blocks)])
@@ -322,6 +342,7 @@ class KVCacheManager:
                     f"host prefix block {h.block_id} of {req_id} changed before it was loaded")
         fresh = self.pool.allocate(len(host_hits), self._after(blocks))
         blocks.extend(fresh)
+        self._ids.pop(req_id, None)
         t = self._new_transfer(req_id, False, [(h.block_id, b.block_id) for h, b in zip(host_hits, fresh)])
         t.host = list(host_hits)
         t.expect = [h.block_hash for h in host_hits]
@@ -367,6 +388,9 @@ class KVCacheManager:
         self.host_pool.check(host_refs)
         owned = [0] * self.pool.num_blocks
         host_owned = [0] * self.host_pool.num_blocks
+        for req_id, cached in self._ids.items():
+            require(cached == [b.block_id for b in self.req_blocks.get(req_id, ())],
+                    f"block_ids of {req_id} is stale: {cached}")
         for req_id, blocks in self.req_blocks.items():
             ids = [b.block_id for b in blocks]
             require(len(ids) == len(set(ids)), f"request {req_id} holds a block twice: {ids}")
