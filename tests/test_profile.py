@@ -71,3 +71,15 @@ def test_step_log_of_a_serving_engine_fits_a_profile(tiny_llama_dir, tmp_path):
 def _write(path, data):
     path.write_text(json.dumps(data))
     return path
+
+
+def test_profile_times_swap_copies_even_without_swap_space(tiny_llama_dir, tmp_path):
+    """The engine runs with recompute preemption (no host blocks); the profile still measures swap speed."""
+    from tokenyard.engine.llm_engine import LLMEngine
+    from tokenyard.engine.profiler import Profiler
+
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), block_size=4, num_kv_blocks=100, dtype="float32"))
+    assert engine.runner.store.host_kv.shape[0] == 0
+    copies = Profiler(engine, log=lambda m: None).copies()
+    assert copies["swap_s_per_block"] > 0 and copies["swap_s_per_copy"] >= 0
+    assert copies["migration_s_per_block"] > 0

@@ -245,53 +245,72 @@ def serve(args: argparse.Namespace) -> int:
     return finish(args, target, workload, records, slo, weights, error, interrupted)
 
 
-def finish(args: argparse.Namespace, target: Target, workload: Workload, records: dict[int, RequestRecord],
-           slo: dict[str, float], weights: list[float] | None, error: str | None, interrupted: bool) -> int:
-    recs = [records[s.index] for s in workload.specs]
+@dataclass
+class Analysis:
+    """Everything measured of one run's records (bench serve and simulate report the same)."""
+
+    summary: dict
+    by_tenant: dict | None
+    by_priority: dict | None
+    timeline: metrics.ServiceTimeline | None
+    fairness: dict | None
+
+
+def analyse(args: argparse.Namespace, recs: list[RequestRecord], tenants: list[str], slo: dict[str, float],
+            weights: list[float] | None) -> Analysis:
     summary = metrics.summary(recs, slo)
-    if interrupted:
-        summary["interrupted"] = True
-    tenants = workload.tenants
     multi = len(tenants) > 1
-    by_tenant = metrics.by_group(recs, "tenant") if multi else None
-    by_priority = metrics.by_group(recs, "priority") if args.priorities else None
-    timeline = None
-    fairness = None
+    timeline = fairness = None
     if multi:
         wmap = dict(zip(tenants, weights)) if weights else {}
         timeline = metrics.fairness(recs, wmap, args.w_p, args.w_q, tenants)
         fairness = {"w_p": args.w_p, "w_q": args.w_q, "tenant_service_weights": wmap or None,
                     **timeline.downsampled().to_json()}
+    return Analysis(summary, metrics.by_group(recs, "tenant") if multi else None,
+                    metrics.by_group(recs, "priority") if args.priorities else None, timeline, fairness)
+
+
+def report_of(args: argparse.Namespace, a: Analysis, recs: list[RequestRecord], before: dict,
+              after: dict | None = None) -> dict:
+    """The JSON report: the flags, ``before`` (what ran), the analysis, ``after``, every request's record."""
+    return {"label": args.label, "config": {k: v for k, v in vars(args).items() if k not in ("func", "api_key")},
+            **before, "summary": a.summary, "errors": first_errors(recs), "by_tenant": a.by_tenant,
+            "by_priority": a.by_priority, "fairness": a.fairness, **(after or {}),
+            "requests": [r.to_json() for r in recs]}
+
+
+def write_outputs(args: argparse.Namespace, report: dict, recs: list[RequestRecord], title: str,
+                  timeline: metrics.ServiceTimeline | None, tell=say) -> None:
+    """--result-json and --plot (a failed plot is said, not raised: it must not lose the run)."""
+    if args.result_json:
+        tell(f"wrote {write_json(args.result_json, report)}")
+    if args.plot:
+        try:
+            tell(f"wrote {plot(args.plot, recs, title, timeline)}")
+        except Exception as e:  # noqa: BLE001 - a failed plot must not lose the run
+            tell(f"could not write the plot {args.plot}: {type(e).__name__}: {e}")
+
+
+def finish(args: argparse.Namespace, target: Target, workload: Workload, records: dict[int, RequestRecord],
+           slo: dict[str, float], weights: list[float] | None, error: str | None, interrupted: bool) -> int:
+    recs = [records[s.index] for s in workload.specs]
+    a = analyse(args, recs, workload.tenants, slo, weights)
+    summary = a.summary
+    if interrupted:
+        summary["interrupted"] = True
     title = f"tokenyard bench serve{f' [{args.label}]' if args.label else ''}: {target.model or '?'} " \
             f"at {target.base_url}{target.url[len(target.base_url):]}"
     if recs and any(r.sent for r in recs):
-        print_summary(summary, title, by_tenant, fairness, by_priority)
+        print_summary(summary, title, a.by_tenant, a.fairness, a.by_priority)
     for line in (length_mismatch(recs, target.endpoint), failure_line(summary, recs)):
         if line:
             say(line)
     if interrupted:
         say(f"interrupted: reporting the {summary['completed'] + summary['failed']} requests sent so far")
-    report = {
-        "label": args.label,
+    report = report_of(args, a, recs, {
         "server": {"base_url": target.base_url, "model": target.model, "endpoint": target.endpoint},
-        "config": {k: v for k, v in vars(args).items() if k not in ("func", "api_key")},
-        "workload": {"num_requests": len(recs), "tenants": tenants, **workload.notes},
-        "error": error,
-        "summary": summary,
-        "errors": first_errors(recs),
-        "by_tenant": by_tenant,
-        "by_priority": by_priority,
-        "fairness": fairness,
-        "requests": [r.to_json() for r in recs],
-    }
-    if args.result_json:
-        say(f"wrote {write_json(args.result_json, report)}")
-    if args.plot:
-        try:
-            say(f"wrote {plot(args.plot, recs, title, timeline)}")
-        except Exception as e:  # noqa: BLE001 - a failed plot must not lose the run
-            say(f"could not write the plot {args.plot}: {type(e).__name__}: {e}")
+        "workload": {"num_requests": len(recs), "tenants": workload.tenants, **workload.notes}, "error": error})
+    write_outputs(args, report, recs, title, a.timeline)
     if interrupted:
         return 130
     return 0 if summary["completed"] > 0 and error is None else 1
-

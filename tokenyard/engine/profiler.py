@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from tokenyard.config import EngineConfig
 from tokenyard.engine.llm_engine import LLMEngine
@@ -153,21 +154,28 @@ class Profiler:
 
     # ------------------------------------------------------------------ copies
     def copies(self) -> dict[str, float]:
+        """Swap speed (a run of n blocks as one copy, and n single-block copies, device to host) on a probe store
+        of the engine's block shape, dtype and device, whatever the engine's own swap space."""
+        from tokenyard.engine.kv_store import KVStore
+
         out: dict[str, float] = {}
-        store = self.engine.runner.store
         kv = self.engine.kv
-        n = min(64, kv.pool.num_blocks, store.num_host_blocks if hasattr(store, "num_host_blocks") else 64)
-        if getattr(store, "host_k", None) is not None and n > 0:
-            try:
-                seg_one = [(0, 0, n)]
-                seg_many = [(i, i, 1) for i in range(n)]
-                t_one = _median_time(lambda: store.copy(seg_one, to_host=True))
-                t_many = _median_time(lambda: store.copy(seg_many, to_host=True))
-                per_copy = max((t_many - t_one) / max(n - 1, 1), 0.0)
-                out["swap_s_per_block"] = max(t_one / n, 0.0)
-                out["swap_s_per_copy"] = per_copy
-            except Exception as e:  # noqa: BLE001 - a profile without swap costs is still a profile
-                self.log(f"swap copies not measured: {type(e).__name__}: {e}")
+        n = 64
+        runner = self.engine.runner
+        store = KVStore(runner.cfg, num_blocks=n, num_host_blocks=n, block_size=runner.block_size,
+                        device=runner.device, dtype=runner.dtype)
+        sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+
+        def timed(segments):
+            def go():
+                store.copy(segments, to_host=True)
+                sync()
+            return _median_time(go)
+
+        t_one = timed([(0, 0, n)])
+        t_many = timed([(i, i, 1) for i in range(n)])
+        out["swap_s_per_block"] = t_one / n
+        out["swap_s_per_copy"] = max((t_many - t_one) / (n - 1), 0.0)
         from tokenyard.engine.migration import MigrationEndpoint
 
         ep = MigrationEndpoint(self.engine)

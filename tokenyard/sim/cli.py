@@ -109,8 +109,8 @@ def build(args: argparse.Namespace):
 def simulate(args: argparse.Namespace) -> int:
     from tokenyard.bench import metrics
     from tokenyard.bench.client import BenchError
-    from tokenyard.bench.report import first_errors, plot, print_summary, write_json
-    from tokenyard.bench.runner import build_workload
+    from tokenyard.bench.report import print_summary
+    from tokenyard.bench.runner import analyse, build_workload, report_of, write_outputs
     from tokenyard.bench.workload import parse_floats
     from tokenyard.sim.simulator import Simulator
 
@@ -128,22 +128,12 @@ def simulate(args: argparse.Namespace) -> int:
     res = sim.run(workload.specs)
     wall = time.perf_counter() - t0
     recs = res.records
-    summary = metrics.summary(recs, slo)
-    tenants = workload.tenants
-    multi = len(tenants) > 1
-    by_tenant = metrics.by_group(recs, "tenant") if multi else None
-    by_priority = metrics.by_group(recs, "priority") if args.priorities else None
-    timeline = fairness = None
-    if multi:
-        w = parse_floats(args.tenant_service_weights, "--tenant-service-weights", args.tenants)
-        wmap = dict(zip(tenants, w)) if w else {}
-        timeline = metrics.fairness(recs, wmap, args.w_p, args.w_q, tenants)
-        fairness = {"w_p": args.w_p, "w_q": args.w_q, "tenant_service_weights": wmap or None,
-                    **timeline.downsampled().to_json()}
+    a = analyse(args, recs, workload.tenants, slo,
+                parse_floats(args.tenant_service_weights, "--tenant-service-weights", args.tenants))
     title = (f"tokenyard simulate{f' [{args.label}]' if args.label else ''}: {cfg.num_instances} x {cost.name}, "
              f"{args.scheduling_policy}, dispatch {cfg.dispatch}{' + migration' if cfg.migration else ''}")
     if recs:
-        print_summary(summary, title, by_tenant, fairness, by_priority)
+        print_summary(a.summary, title, a.by_tenant, a.fairness, a.by_priority)
     simulation = {
         "instances": cfg.num_instances, "cost_model": cost.describe(), "num_kv_blocks": sim.num_blocks,
         "wall_s": wall, "requests_per_wall_s": len(recs) / wall if wall > 0 else None,
@@ -153,18 +143,8 @@ def simulate(args: argparse.Namespace) -> int:
     print(f"simulated {len(recs)} requests ({res.duration_s:.1f} s of serving, {res.steps} steps, "
           f"{res.span_steps} in collapsed spans, {res.migrations} migrations) in {wall:.2f} s of wall time: "
           f"{simulation['requests_per_wall_s']:.0f} requests/s")
-    report = {
-        "label": args.label, "simulated": True,
-        "config": {k: v for k, v in vars(args).items() if k != "func"},
-        "workload": {"num_requests": len(recs), "tenants": tenants, **workload.notes},
-        "summary": summary, "errors": first_errors(recs), "by_tenant": by_tenant, "by_priority": by_priority,
-        "fairness": fairness, "simulation": simulation, "requests": [r.to_json() for r in recs],
-    }
-    if args.result_json:
-        say(f"wrote {write_json(args.result_json, report)}")
-    if args.plot:
-        try:
-            say(f"wrote {plot(args.plot, recs, title, timeline)}")
-        except Exception as e:  # noqa: BLE001 - a failed plot must not lose the run
-            say(f"could not write the plot {args.plot}: {type(e).__name__}: {e}")
-    return 0 if summary["completed"] > 0 else 1
+    report = report_of(args, a, recs, {"simulated": True, "workload": {"num_requests": len(recs), "tenants":
+                                                                       workload.tenants, **workload.notes}},
+                       {"simulation": simulation})
+    write_outputs(args, report, recs, title, a.timeline, say)
+    return 0 if a.summary["completed"] > 0 else 1
