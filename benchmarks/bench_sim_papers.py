@@ -15,9 +15,9 @@ measured H100 operator profile for Llama-2-7B (attention from first principles);
 - **VTC** (fairness): 4 tenants sending at rates 1:2:4:8 into an overloaded instance; the largest service
   difference between backlogged tenants under ``vtc`` against the paper's bound 2 * max(w_p * L_input, w_q * M),
   and under ``fcfs``.
-- **FastSwitch** (context switches): conversations whose priorities change every 0.5 s under swap preemption:
-  overlapped swaps of contiguous block groups with the host tier kept as a prefix cache, against synchronous
-  per-block swaps; P99 TTFT and P99.9 TBT.
+- **FastSwitch** (context switches): conversations whose priorities change every 0.5 s under swap preemption, at
+  a few arrival rates: overlapped swaps of contiguous block groups with the host tier kept as a prefix cache,
+  against synchronous per-block swaps; P99 TTFT and P99.9 TBT.
 
     python benchmarks/bench_sim_papers.py                 # all four (a few minutes on 2 cores)
     python benchmarks/bench_sim_papers.py --only sarathi,vtc
@@ -229,15 +229,14 @@ def vtc(args) -> dict:
 
 
 # --------------------------------------------------------------------------- FastSwitch
-def fastswitch(args) -> dict:
-    lengths = trace_lengths("azure_llm_2023_conv.csv", args.fastswitch_requests, max_len=2048)
-    rng = random.Random(args.seed)
-    specs = []
+def conversations(lengths, rate: float, seed: int) -> tuple[list[RequestSpec], int]:
+    """2-4 turn conversations arriving at ``rate`` per second; later turns send a quarter of a traced prompt."""
+    rng = random.Random(seed)
+    specs: list[RequestSpec] = []
     t = 0.0
-    i = 0
-    conv = 0
+    i = conv = 0
     while i < len(lengths):
-        t += rng.expovariate(args.fastswitch_rate)
+        t += rng.expovariate(rate)
         turns = min(rng.randint(2, 4), len(lengths) - i)
         for k in range(turns):
             p_len, d = lengths[i]
@@ -245,26 +244,85 @@ def fastswitch(args) -> dict:
                                      priority=rng.randint(0, 3), conversation=conv, turn=k))
             i += 1
         conv += 1
-    out = {"requests": len(specs), "conversations": conv, "num_kv_blocks": args.fastswitch_blocks,
-           "churn_s": 0.5, "variants": {}}
-    for name, overlap, groups, host_cache in (("fastswitch", True, True, True),
-                                              ("sync-per-block", False, False, False)):
-        res, wall = simulate(specs, SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=64,
-                                                    scheduling_policy="priority", preemption_mode="swap",
-                                                    swap_overlap=overlap),
-                             SimConfig(num_kv_blocks=args.fastswitch_blocks, num_host_blocks=8 * args.fastswitch_blocks,
-                                       block_groups=groups, host_cache=host_cache, max_model_len=4096,
-                                       priority_churn_s=0.5, seed=args.seed))
-        s = metrics.summary(res.records)
-        out["variants"][name] = {"p99_ttft_ms": p(s, "ttft_ms", "p99"), "p999_tbt_ms": p(s, "itl_ms", "p999"),
-                                 "p99_tbt_ms": p(s, "itl_ms", "p99"), "preemptions":
-                                 sum(x["preemptions"] for x in res.instances), "wall_s": wall, "summary": s}
-        console.print(f"fastswitch {name}: P99 TTFT {p(s, 'ttft_ms', 'p99'):.0f} ms, P99.9 TBT "
-                      f"{p(s, 'itl_ms', 'p999'):.0f} ms")
-    v = out["variants"]
-    out["p99_ttft_ratio"] = v["sync-per-block"]["p99_ttft_ms"] / v["fastswitch"]["p99_ttft_ms"]
-    out["p999_tbt_ratio"] = v["sync-per-block"]["p999_tbt_ms"] / v["fastswitch"]["p999_tbt_ms"]
+    return specs, conv
+
+
+FASTSWITCH_VARIANTS = (("fastswitch", True, True, True), ("sync-per-block", False, False, False))
+
+
+def fastswitch(args) -> dict:
+    """A sweep over the conversation rate, each under both swap variants (priority policy, churn every 0.5 s)."""
+    lengths = trace_lengths("azure_llm_2023_conv.csv", args.fastswitch_requests, max_len=2048)
+    out = {"requests": len(lengths), "num_kv_blocks": args.fastswitch_blocks, "churn_s": 0.5, "rates": {}}
+    for rate in (float(x) for x in args.fastswitch_rates.split(",")):
+        specs, conv = conversations(lengths, rate, args.seed)
+        variants = {}
+        for name, overlap, groups, host_cache in FASTSWITCH_VARIANTS:
+            res, wall = simulate(specs, SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=64,
+                                                        scheduling_policy="priority", preemption_mode="swap",
+                                                        swap_overlap=overlap),
+                                 SimConfig(num_kv_blocks=args.fastswitch_blocks,
+                                           num_host_blocks=8 * args.fastswitch_blocks, block_groups=groups,
+                                           host_cache=host_cache, max_model_len=4096, priority_churn_s=0.5,
+                                           seed=args.seed))
+            s = metrics.summary(res.records)
+            variants[name] = {"p99_ttft_ms": p(s, "ttft_ms", "p99"), "p50_ttft_ms": p(s, "ttft_ms", "median"),
+                              "p999_tbt_ms": p(s, "itl_ms", "p999"), "p99_tbt_ms": p(s, "itl_ms", "p99"),
+                              "preemptions": sum(x["preemptions"] for x in res.instances), "wall_s": wall}
+            console.print(f"fastswitch {rate:g} conv/s {name}: P99 TTFT {p(s, 'ttft_ms', 'p99'):.0f} ms, P99.9 TBT "
+                          f"{p(s, 'itl_ms', 'p999'):.0f} ms, {variants[name]['preemptions']} preemptions")
+        f, b = variants["fastswitch"], variants["sync-per-block"]
+        out["rates"][str(rate)] = {"conversations": conv, "variants": variants,
+                                   "p99_ttft_ratio": b["p99_ttft_ms"] / f["p99_ttft_ms"],
+                                   "p999_tbt_ratio": b["p999_tbt_ms"] / f["p999_tbt_ms"]}
     return out
+
+
+def plot(report: dict, path: Path) -> None:
+    """One panel per paper: what its table row says, as bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = [k for k in ("sarathi", "llumnix", "vtc", "fastswitch") if k in report]
+    fig, axes = plt.subplots(1, len(parts), figsize=(5.2 * len(parts), 4.2), squeeze=False)
+
+    def bars(ax, groups: dict[str, dict[str, float]], ylabel: str, log: bool = False) -> None:
+        names = list(next(iter(groups.values())))
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            ax.bar([g + i * width for g in range(len(groups))], [v.get(name) or 0 for v in groups.values()],
+                   width, label=name)
+        ax.set_xticks([g + width * (len(names) - 1) / 2 for g in range(len(groups))], list(groups))
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+
+    for ax, part in zip(axes[0], parts):
+        r = report[part]
+        if part == "sarathi":
+            bars(ax, {f"TBT<={float(k):g}ms": {n: v["capacity_rps"] for n, v in x["variants"].items()}
+                      for k, x in r["slos"].items()}, "capacity (req/s)")
+            ax.set_title("Sarathi-Serve: capacity by token budget")
+        elif part == "llumnix":
+            bars(ax, {f"{float(k):g} req/s": {n: v["p99_ttft_ms"] for n, v in x["variants"].items()}
+                      for k, x in r["rates"].items()}, "P99 TTFT (ms)", log=True)
+            ax.set_title(f"Llumnix: {r['instances']} instances")
+        elif part == "vtc":
+            bars(ax, {"pair-span service difference": {n: v["max_pair_span_difference"]
+                                                       for n, v in r["variants"].items()}
+                      | {"bound": r["bound"]}}, "weighted tokens", log=True)
+            ax.set_title("VTC: 4 tenants at 1:2:4:8")
+        else:
+            bars(ax, {f"{float(k):g} conv/s": {n: v["p99_ttft_ms"] for n, v in x["variants"].items()}
+                      for k, x in r["rates"].items()}, "P99 TTFT (ms)", log=True)
+            ax.set_title("FastSwitch: priority churn, swap")
+    fig.suptitle(f"seed papers' comparisons in simulation ({report.get('cost_model', COST)})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    console.print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,10 +344,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vtc-rate", type=float, default=8.0)
     ap.add_argument("--vtc-blocks", type=int, default=600)
     ap.add_argument("--fastswitch-requests", type=int, default=1200)
-    ap.add_argument("--fastswitch-rate", type=float, default=3.0)
+    ap.add_argument("--fastswitch-rates", default="0.5,1,1.5,2", help="conversations per second")
     ap.add_argument("--fastswitch-blocks", type=int, default=700)
     ap.add_argument("--out", default=str(HERE / "results" / "sim" / "papers.json"))
+    ap.add_argument("--plot-only", default=None, metavar="JSON", help="redraw the plot of an earlier run's JSON")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads(Path(args.plot_only).read_text()), Path(args.plot_only).with_suffix(".png"))
+        return 0
     parts = {"sarathi": sarathi, "llumnix": llumnix, "vtc": vtc, "fastswitch": fastswitch}
     report = {"machine": machine(), "cost_model": COST, "args": vars(args)}
     for name in args.only.split(","):
@@ -323,13 +385,19 @@ def main(argv: list[str] | None = None) -> int:
                       "vtc within 2*max(w_p*L_in, w_q*M)")
     if "fastswitch" in report:
         r = report["fastswitch"]
-        table.add_row("FastSwitch", "sync per-block swaps / fastswitch: P99 TTFT, P99.9 TBT",
-                      f"{r['p99_ttft_ratio']:.2f}x, {r['p999_tbt_ratio']:.2f}x", "1.4-11x TTFT, 1.3-1.6x TBT tail")
+        for rate, x in r["rates"].items():
+            table.add_row("FastSwitch" if rate == next(iter(r["rates"])) else "",
+                          f"{float(rate):g} conversations/s, churn every 0.5 s: sync per-block swaps / fastswitch, "
+                          f"P99 TTFT and P99.9 TBT",
+                          f"{x['p99_ttft_ratio']:.2f}x, {x['p999_tbt_ratio']:.2f}x "
+                          f"(P99 TTFT {x['variants']['fastswitch']['p99_ttft_ms']:,.0f} ms)",
+                          "1.4-11x TTFT, 1.3-1.6x TBT tail")
     console.print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str))
     console.print(f"wrote {out}")
+    plot(report, out.with_suffix(".png"))
     return 0
 
 
