@@ -326,3 +326,21 @@ def test_simulator_imports_no_torch():
             "print('TORCH' if 'torch' in sys.modules else 'CLEAN')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "CLEAN"
+
+
+def test_simulate_capacity_search(tmp_path):
+    out = tmp_path / "cap.json"
+    cmd = [sys.executable, "-m", "tokenyard.cli", "simulate", "--capacity", "--slo", "tbt:60", "ttft:1000",
+           "--cost-model", "roofline:h100:llama-2-7b", "--input-len", "256:1024", "--output-len", "32:128",
+           "--num-prompts", "60", "--probes", "5", "--result-json", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(out.read_text())
+    assert len(rep["probes"]) == 5 and rep["probes"][0]["rate"] == 0.1 and rep["probes"][1]["rate"] == 64.0
+    assert rep["capacity"] is not None and rep["bound"] == "bracketed"
+    passed = [x["rate"] for x in rep["probes"] if x["passed"]]
+    failed = [x["rate"] for x in rep["probes"] if not x["passed"]]
+    assert max(passed) == rep["capacity"] < min(failed)
+    bad = subprocess.run([sys.executable, "-m", "tokenyard.cli", "simulate", "--capacity", "--slo", "ttft:100",
+                          "--cost-model", "roofline:h100:llama-2-7b"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "tbt" in bad.stderr

@@ -64,6 +64,13 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--interval-s", type=float, default=0.05, help="how often the coordinator looks at the loads")
     g.add_argument("--priority-headroom", type=int, default=0,
                    help="KV blocks of headroom kept per running request more urgent than priority 0")
+    c = p.add_argument_group("capacity search (as `tokenyard bench capacity`, in simulation)")
+    c.add_argument("--capacity", action="store_true",
+                   help="binary-search the largest Poisson rate whose P99 TBT (and median TTFT) meet --slo "
+                        "tbt:MS [ttft:MS]; synthetic lengths (--input-len, --output-len), --num-prompts per probe")
+    c.add_argument("--min-rate", type=float, default=0.1, help="requests per second")
+    c.add_argument("--max-rate", type=float, default=64.0, help="requests per second")
+    c.add_argument("--probes", type=int, default=8, help="simulated runs in all, the two ends included")
     s = p.add_argument_group("simulation")
     s.add_argument("--collapse", action=argparse.BooleanOptionalAction, default=True,
                    help="run repeated decode steps as one event (exact; off: every step through the scheduler)")
@@ -116,6 +123,8 @@ def simulate(args: argparse.Namespace) -> int:
 
     try:
         sched, cost, cfg = build(args)
+        if args.capacity:
+            return capacity(args, sched, cost, cfg)
         workload = build_workload(args)
     except BenchError as e:
         say(str(e))
@@ -148,3 +157,51 @@ def simulate(args: argparse.Namespace) -> int:
                        {"simulation": simulation})
     write_outputs(args, report, recs, title, a.timeline, say)
     return 0 if a.summary["completed"] > 0 else 1
+
+
+def capacity(args: argparse.Namespace, sched, cost, cfg) -> int:
+    """``--capacity``: bench capacity's search (the same probe plan and pass rule), each probe a simulation."""
+    from tokenyard.bench import metrics
+    from tokenyard.bench.capacity import Probe, Search, judge, plan
+    from tokenyard.bench.report import write_json
+    from tokenyard.bench.runner import lengths_from_args
+    from tokenyard.bench.workload import synthetic
+    from tokenyard.sim.simulator import Simulator
+
+    if args.trace:
+        raise ValueError("--capacity probes synthetic Poisson loads: give --input-len/--output-len, not --trace")
+    slo = metrics.parse_slo(args.slo or [], allowed=("tbt", "ttft"))
+    if "tbt" not in slo:
+        raise ValueError("--capacity needs --slo tbt:MS (and optionally ttft:MS)")
+    if not 0 < args.min_rate < args.max_rate:
+        raise ValueError(f"--min-rate {args.min_rate} must be positive and below --max-rate {args.max_rate}")
+    if args.probes < 2:
+        raise ValueError(f"--probes: need at least 2 (the two ends), got {args.probes}")
+    n = args.num_prompts or 100
+    in_dist, out_dist = lengths_from_args(args)
+    search = Search(args.min_rate, args.max_rate)
+    while len(search.probes) < args.probes:
+        rate = plan(search.passes, args.min_rate, args.max_rate)
+        if rate is None:
+            break
+        specs = synthetic(n, in_dist, out_dist, rate, args.burstiness, args.multi_turn, args.seed)
+        summary = metrics.summary(Simulator(sched, cost, cfg).run(specs).records)
+        reasons = judge(summary, slo, len(specs))
+        search.probes.append(Probe(rate, not reasons, reasons, summary))
+        tbt = summary["itl_ms"]["p99"]
+        print(f"probe {len(search.probes)}/{args.probes}: {rate:.4g} req/s: P99 TBT "
+              f"{'-' if tbt is None else f'{tbt:.1f}'} ms, median TTFT {summary['ttft_ms']['median'] or 0:.1f} ms: "
+              f"{'pass' if not reasons else 'fail (' + '; '.join(reasons) + ')'}")
+    result = search.result()
+    if result["capacity"] is None:
+        print(f"capacity: below --min-rate {args.min_rate:g} req/s")
+    elif result["bound"] == "at_least":
+        print(f"capacity: at least {result['capacity']:.4g} req/s (--max-rate still meets the SLO)")
+    else:
+        print(f"capacity: {result['bracket'][0]:.4g} req/s ({result['bracket'][1]:.4g} req/s does not meet the SLO)")
+    if args.result_json:
+        report = {"label": args.label, "simulated": True,
+                  "config": {k: v for k, v in vars(args).items() if k != "func"}, "slo_ms": slo,
+                  "cost_model": cost.describe(), **result, "probes": [p.to_json() for p in search.probes]}
+        say(f"wrote {write_json(args.result_json, report)}")
+    return 0
