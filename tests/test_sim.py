@@ -330,9 +330,9 @@ def test_simulator_imports_no_torch():
 
 def test_simulate_capacity_search(tmp_path):
     out = tmp_path / "cap.json"
-    cmd = [sys.executable, "-m", "tokenyard.cli", "simulate", "--capacity", "--slo", "tbt:60", "ttft:1000",
-           "--cost-model", "roofline:h100:llama-2-7b", "--input-len", "256:1024", "--output-len", "32:128",
-           "--num-prompts", "60", "--probes", "5", "--result-json", str(out)]
+    cmd = [sys.executable, "-m", "tokenyard.cli", "simulate", "--capacity", "--slo", "tbt:60", "ttft:500",
+           "--cost-model", "roofline:h100:llama-2-7b", "--input-len", "512:2048", "--output-len", "32:128",
+           "--num-prompts", "400", "--probes", "5", "--result-json", str(out)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     rep = json.loads(out.read_text())
