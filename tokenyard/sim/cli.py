@@ -41,7 +41,8 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     e.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV blocks per instance (default: the profile's, or what the GPU's memory holds)")
-    e.add_argument("--max-model-len", type=int, default=4096, help="context window")
+    e.add_argument("--max-model-len", type=int, default=None,
+                   help="context window (default: the profile's engine's, else 4096)")
     e.add_argument("--scheduling-policy", "--policy", dest="scheduling_policy", default="fcfs",
                    choices=POLICY_NAMES, help="turn-level policy")
     e.add_argument("--vtc-tenant-weights", default=None,
@@ -102,13 +103,14 @@ def build(args: argparse.Namespace):
                             scheduling_policy=args.scheduling_policy, preemption_mode=args.preemption_mode,
                             swap_overlap=args.swap_overlap, vtc_w_p=args.vtc_w_p, vtc_w_q=args.vtc_w_q,
                             tenant_weights=weights)
-    if args.max_model_len < 2:
-        raise ValueError(f"--max-model-len: must be at least 2, got {args.max_model_len}")
+    max_len = args.max_model_len or getattr(cost, "data", {}).get("max_model_len") or 4096
+    if max_len < 2:
+        raise ValueError(f"--max-model-len: must be at least 2, got {max_len}")
     cfg = SimConfig(num_instances=args.instances, dispatch=args.dispatch, migration=args.migration,
                     interval_s=args.interval_s, priority_headroom=args.priority_headroom,
                     num_kv_blocks=args.num_kv_blocks, num_host_blocks=args.num_host_blocks,
                     enable_prefix_caching=args.enable_prefix_caching, block_groups=args.swap_block_groups,
-                    max_model_len=args.max_model_len, collapse=args.collapse, record_tokens=args.token_times,
+                    max_model_len=max_len, collapse=args.collapse, record_tokens=args.token_times,
                     check_invariants=args.check_invariants)
     return sched, cost, cfg
 
@@ -145,6 +147,7 @@ def simulate(args: argparse.Namespace) -> int:
         print_summary(a.summary, title, a.by_tenant, a.fairness, a.by_priority)
     simulation = {
         "instances": cfg.num_instances, "cost_model": cost.describe(), "num_kv_blocks": sim.num_blocks,
+        "max_model_len": cfg.max_model_len,
         "wall_s": wall, "requests_per_wall_s": len(recs) / wall if wall > 0 else None,
         "simulated_s": res.duration_s, "steps": res.steps, "span_steps": res.span_steps,
         "migrations": res.migrations, "migrations_aborted": res.migrations_aborted, "per_instance": res.instances,
