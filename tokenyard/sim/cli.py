@@ -65,6 +65,11 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--interval-s", type=float, default=0.05, help="how often the coordinator looks at the loads")
     g.add_argument("--priority-headroom", type=int, default=0,
                    help="KV blocks of headroom kept per running request more urgent than priority 0")
+    g.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                   help="start and drain instances to keep the average freeness in a band (as serve's)")
+    g.add_argument("--instance-start-s", type=float, default=20.0,
+                   help="with --autoscale: seconds from the decision to start an instance until it serves (an "
+                        "assumption: set what your deployment measures)")
     c = p.add_argument_group("capacity search (as `tokenyard bench capacity`, in simulation)")
     c.add_argument("--capacity", action="store_true",
                    help="binary-search the largest Poisson rate whose P99 TBT (and median TTFT) meet --slo "
@@ -106,7 +111,15 @@ def build(args: argparse.Namespace):
     max_len = args.max_model_len or getattr(cost, "data", {}).get("max_model_len") or 4096
     if max_len < 2:
         raise ValueError(f"--max-model-len: must be at least 2, got {max_len}")
+    autoscale = None
+    if args.autoscale is not None:
+        lo, _, hi = args.autoscale.partition(":")
+        try:
+            autoscale = (int(lo), int(hi or lo))
+        except ValueError:
+            raise ValueError(f"--autoscale: expected MIN:MAX instances, got {args.autoscale!r}") from None
     cfg = SimConfig(num_instances=args.instances, dispatch=args.dispatch, migration=args.migration,
+                    autoscale=autoscale, instance_start_s=args.instance_start_s,
                     interval_s=args.interval_s, priority_headroom=args.priority_headroom,
                     num_kv_blocks=args.num_kv_blocks, num_host_blocks=args.num_host_blocks,
                     enable_prefix_caching=args.enable_prefix_caching, block_groups=args.swap_block_groups,
@@ -151,10 +164,16 @@ def simulate(args: argparse.Namespace) -> int:
         "wall_s": wall, "requests_per_wall_s": len(recs) / wall if wall > 0 else None,
         "simulated_s": res.duration_s, "steps": res.steps, "span_steps": res.span_steps,
         "migrations": res.migrations, "migrations_aborted": res.migrations_aborted, "per_instance": res.instances,
+        "instance_seconds": res.instance_seconds, "scale_events": res.scale_events,
     }
     print(f"simulated {len(recs)} requests ({res.duration_s:.1f} s of serving, {res.steps} steps, "
           f"{res.span_steps} in collapsed spans, {res.migrations} migrations) in {wall:.2f} s of wall time: "
           f"{simulation['requests_per_wall_s']:.0f} requests/s")
+    if res.scale_events:
+        starts = sum(e[1] == "start" for e in res.scale_events)
+        stops = sum(e[1] == "stop" for e in res.scale_events)
+        print(f"auto-scaling: {starts} instances started, {stops} drained and stopped; "
+              f"{res.instance_seconds:.0f} instance-seconds")
     report = report_of(args, a, recs, {"simulated": True, "workload": {"num_requests": len(recs), "tenants":
                                                                        workload.tenants, **workload.notes}},
                        {"simulation": simulation})

@@ -252,7 +252,7 @@ class SimInstance:
             by_phase.setdefault(comp[r.request_id] % bs, []).append(r)
         caching = kv.enable_prefix_caching
         # The visited steps: j = -phase (mod bs) allocates, j = -phase - 1 (mod bs) registers.
-        events: set[int] = set()
+        events: set[int] = {0} if caching else set()
         for ph in by_phase:
             events.update(range((-ph) % bs, k, bs))
             if caching:
@@ -288,7 +288,10 @@ class SimInstance:
                     require(ok, f"span: {r.request_id} could not get a block the span counted as free")
                 free = kv.pool.num_free_blocks
             if caching:
-                reg = by_phase.get((-j - 1) % bs, ())
+                # Step 0 registers for every request, as stepping's update does: one just swapped in or adopted
+                # has full blocks not registered yet (registered later, a block another copy left free to
+                # cache could be taken by it, and the pool would differ from stepping's).
+                reg = order if j == 0 else by_phase.get((-j - 1) % bs, ())
                 if reg:
                     if not static:
                         reg = sorted(reg, key=urgency)

@@ -29,7 +29,7 @@ from tokenyard.bench.records import RequestRecord
 from tokenyard.bench.workload import RequestSpec, chains
 from tokenyard.cluster.dispatch import DispatchInfo, make_dispatch
 from tokenyard.cluster.load import scheduler_load
-from tokenyard.cluster.rebalance import plan_migrations
+from tokenyard.cluster.rebalance import AutoScaler, plan_migrations
 from tokenyard.sampling_params import InvalidParameterError
 from tokenyard.sched.request import Request, RequestStatus
 from tokenyard.sched.scheduler import SchedulerConfig
@@ -52,6 +52,8 @@ class SimConfig:
     block_groups: bool = True
     host_cache: bool = True
     max_model_len: int = 4096
+    autoscale: tuple[int, int] | None = None   # (min, max) instances: AutoScaler keeps the mean freeness in a band
+    instance_start_s: float = 20.0    # from the scale-up decision until the new instance serves (an assumption)
     priority_churn_s: float | None = None   # every this many seconds, each live request gets a new priority ...
     churn_priorities: tuple[int, ...] = (0, 1, 2, 3)   # ... drawn from these (bench's --priority-churn)
     seed: int = 0
@@ -67,6 +69,13 @@ class SimConfig:
         if self.priority_churn_s is not None and not self.priority_churn_s > 0:
             raise ValueError(f"priority_churn_s must be positive, got {self.priority_churn_s}")
         make_dispatch(self.dispatch)   # the name is checked here
+        if self.autoscale is not None:
+            lo, hi = self.autoscale
+            if not 1 <= lo <= self.num_instances <= hi:
+                raise ValueError(f"autoscale {lo}:{hi} must hold the starting {self.num_instances} instances "
+                                 f"(1 <= MIN <= --instances <= MAX)")
+        if not self.instance_start_s >= 0:
+            raise ValueError(f"instance_start_s must be >= 0, got {self.instance_start_s}")
 
 
 @dataclass
@@ -87,6 +96,8 @@ class SimResult:
     migrations_aborted: int = 0
     steps: int = 0
     span_steps: int = 0
+    instance_seconds: float = 0.0          # summed time each instance was up (started to stopped, or run end)
+    scale_events: list[tuple[float, str, str]] = field(default_factory=list)   # (time, "start"|"drain"|"stop", id)
 
 
 class Simulator:
@@ -99,13 +110,17 @@ class Simulator:
         if blocks is None:
             raise ValueError("the number of KV blocks per instance is not known: give --num-kv-blocks")
         self.num_blocks = blocks
-        self.instances = [
-            SimInstance(f"i{i}", sched_config, cost, num_blocks=blocks, num_host_blocks=c.num_host_blocks,
-                        enable_prefix_caching=c.enable_prefix_caching, block_groups=c.block_groups,
-                        host_cache=c.host_cache, collapse=c.collapse, check_invariants=c.check_invariants,
-                        record_tokens=c.record_tokens, on_finish=self._on_finish)
-            for i in range(c.num_instances)
-        ]
+        self.instances: list[SimInstance] = []
+        self.live: list[SimInstance] = []          # serving (a drained, stopped instance leaves this list)
+        self.draining: set[str] = set()
+        self._up_since: dict[str, float] = {}
+        self._starting: list[float] = []           # when each instance being started will serve
+        self.instance_seconds = 0.0
+        self.scale_events: list[tuple[float, str, str]] = []
+        for _ in range(c.num_instances):
+            self._add_instance(0.0)
+        self.scaler = (AutoScaler(min_instances=c.autoscale[0], max_instances=c.autoscale[1])
+                       if c.autoscale is not None else None)
         self.dispatch = make_dispatch(c.dispatch, c.priority_headroom)
         self._loads_needed = c.dispatch != "round-robin"
         self._arrivals: list[tuple[float, int, int]] = []   # (time, order, chain index, turn)
@@ -117,6 +132,25 @@ class Simulator:
         self._rng = random.Random(self.config.seed)
         self.migrations = 0
         self.migrations_aborted = 0
+
+    def _add_instance(self, t: float) -> SimInstance:
+        c = self.config
+        inst = SimInstance(f"i{len(self.instances)}", self.sched_config, self.cost, num_blocks=self.num_blocks,
+                           num_host_blocks=c.num_host_blocks, enable_prefix_caching=c.enable_prefix_caching,
+                           block_groups=c.block_groups, host_cache=c.host_cache, collapse=c.collapse,
+                           check_invariants=c.check_invariants, record_tokens=c.record_tokens,
+                           on_finish=self._on_finish)
+        inst.now = t
+        self.instances.append(inst)
+        self.live.append(inst)
+        self._up_since[inst.instance_id] = t
+        return inst
+
+    def _loads(self) -> list:
+        loads = [scheduler_load(x.sched, x.instance_id) for x in self.live]
+        for load in loads:
+            load.draining = load.instance_id in self.draining
+        return loads
 
     # ------------------------------------------------------------------ the run
     def run(self, specs: Sequence[RequestSpec]) -> SimResult:
@@ -132,7 +166,8 @@ class Simulator:
                     spec.turn, scheduled_s=spec.arrival_s)
             self._push_arrival(chain[0].arrival_s or 0.0, ci, 0)
         chained = any(len(ch) > 1 for ch in self._chains)
-        next_control = self.config.interval_s if self.config.migration else math.inf
+        coordinating = self.config.migration or self.scaler is not None
+        next_control = self.config.interval_s if coordinating else math.inf
         churn = self.config.priority_churn_s
         next_churn = churn if churn is not None else math.inf
         inf = math.inf
@@ -142,7 +177,7 @@ class Simulator:
             ts = self._steps[0][0] if self._steps else inf
             if ta == inf and tm == inf and ts == inf:
                 break
-            tc = next_control if (ts < inf or tm < inf) else inf
+            tc = next_control if (ts < inf or tm < inf or self.draining or self._starting) else inf
             tp = next_churn if ts < inf else inf
             t_ext = min(ta, tm, tc, tp)
             if t_ext <= ts:
@@ -205,8 +240,8 @@ class Simulator:
         rid = f"r{spec.index}"
         req = Request(rid, prompt, spec.output_len, priority=spec.priority or 0, tenant=spec.tenant or "default",
                       arrival_time=t, max_model_len=max_len)
-        loads = [scheduler_load(x.sched, x.instance_id) for x in self.instances] if self._loads_needed else \
-            [_Lite(x.instance_id) for x in self.instances]
+        loads = self._loads() if self._loads_needed else \
+            [_Lite(x.instance_id, x.instance_id in self.draining) for x in self.live]
         chosen = self.dispatch.choose(loads, DispatchInfo(rid, len(prompt), hash(tuple(prompt[:64])),
                                                           req.priority))
         idx = int(chosen[1:])
@@ -257,9 +292,33 @@ class Simulator:
 
     # ------------------------------------------------------------------ migration
     def _control(self, t: float) -> None:
-        loads = [scheduler_load(x.sched, x.instance_id) for x in self.instances]
+        """The coordinator's look at the loads: instances that finished starting serve, drained ones stop, the
+        auto-scaler decides, then migrations (from the least free, and off draining instances)."""
+        while self._starting and self._starting[0] <= t:
+            self._starting.pop(0)
+            inst = self._add_instance(t)
+            self.scale_events.append((t, "start", inst.instance_id))
+        for inst in [x for x in self.live if x.instance_id in self.draining]:
+            if not inst.has_work and not inst.sched.requests and not any(
+                    m.src is inst for _, _, _, m in self._migrations):
+                self.live.remove(inst)
+                self.draining.discard(inst.instance_id)
+                self.instance_seconds += max(t, inst.now) - self._up_since.pop(inst.instance_id)
+                self.scale_events.append((t, "stop", inst.instance_id))
+        loads = self._loads()
         c = self.config
-        moves = plan_migrations(loads, low=c.migration_low, gap=c.migration_gap,
+        if self.scaler is not None:
+            delta, victim = self.scaler.decide(loads, starting=len(self._starting))
+            if delta > 0:
+                self._starting.append(t + c.instance_start_s)
+            elif delta < 0 and victim is not None:
+                self.draining.add(victim)
+                self.scale_events.append((t, "drain", victim))
+                loads = self._loads()
+        if not c.migration and not self.draining:
+            return
+        # Without the migration policy, only instances being drained are sources (as the frontend does).
+        moves = plan_migrations(loads, low=c.migration_low if c.migration else -math.inf, gap=c.migration_gap,
                                 priority_headroom=c.priority_headroom, busy=self._busy,
                                 max_moves=max(len(loads) // 2, 1))
         for mv in moves:
@@ -338,6 +397,9 @@ class Simulator:
         starts = [r.send_s for r in recs if r.send_s is not None]
         inst = []
         steps = span_steps = 0
+        end = max((x.now for x in self.instances), default=0.0)
+        for x in self.live:
+            self.instance_seconds += max(end, x.now) - self._up_since.pop(x.instance_id, end)
         for x in self.instances:
             st = x.stats
             steps += st.steps
@@ -346,7 +408,7 @@ class Simulator:
                          "spans": st.spans, "busy_s": st.busy_s, "tokens": st.tokens,
                          "preemptions": x.sched.num_preemptions})
         return SimResult(recs, (max(ends) - min(starts)) if ends else 0.0, inst, self.migrations,
-                         self.migrations_aborted, steps, span_steps)
+                         self.migrations_aborted, steps, span_steps, self.instance_seconds, self.scale_events)
 
 
 @dataclass
