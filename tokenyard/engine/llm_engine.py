@@ -182,7 +182,7 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.num_steps = 0
         self.load_time_s = time.perf_counter() - t0
-        self._last_out = SchedulerOutput()
+        self.last_decision = SchedulerOutput()   # the last step's scheduler output (step log, profile)
         self._step_log = StepLog(config.step_log, self.step_log_header()) if config.step_log else None
 
     # ------------------------------------------------------------------ requests
@@ -298,14 +298,14 @@ class LLMEngine:
                 self.scheduler.finish_requests([ev.request_id], RequestStatus(out.finish_reason))
             if out is not None:
                 outputs.append(out)
-        if self._step_log is not None and self._last_out.chunks:
-            self._step_log.write(t0, time.perf_counter() - t0, self._last_out)
+        if self._step_log is not None and self.last_decision.chunks:
+            self._step_log.write(t0, time.perf_counter() - t0, self.last_decision)
         return outputs
 
     def step_events(self) -> list[TokenEvent]:
         """One scheduling decision, one forward pass; each request's news as token ids (no text). A request
         whose sampling failed is aborted here and reported with ``error`` set."""
-        out = self._last_out = self.scheduler.schedule()
+        out = self.last_decision = self.scheduler.schedule()
         if self.config.check_invariants:
             self.scheduler.check_output(out)
         if out.finished:

@@ -2,11 +2,12 @@
 
 Every step of a set of probe workloads is timed whole (``LLMEngine.step()``: scheduling, the forward pass,
 sampling, detokenization, as the server's loop runs it) together with the shape of the scheduler's decision.
-Two linear models are fitted to the medians (decode-only steps and steps with prefill run different code paths):
+Two models are fitted to each probe step's median (decode-only steps and steps with prefill run different code
+paths; ``sim/steplog.py``'s fit):
 
-- decode-only: ``a + b * sequences + c * keys read``;
-- with prefill: ``a + b * tokens + c * sequences + d * decode keys + e * prefill query-key pairs + f * prefill
-  keys``.
+- decode-only: a piecewise-linear function of the sequences (knots at the measured batch sizes) + c * keys read;
+- with prefill: a piecewise-linear function of the tokens (knots at the measured chunk sizes) + costs per
+  sequence, decode key, prefill query-key pair and prefill key.
 
 Copies are timed too: a swap of n blocks between device and host (``KVStore.copy``) and a migration's read and
 write of n blocks (``MigrationEndpoint``'s numpy path, without the transport between processes).
@@ -28,11 +29,7 @@ import torch
 from tokenyard.config import EngineConfig
 from tokenyard.engine.llm_engine import LLMEngine
 from tokenyard.sampling_params import SamplingParams
-from tokenyard.sched.output import SchedulerOutput
-from tokenyard.sim.cost import (
-    PROFILE_KIND,
-    StepShape,
-)
+from tokenyard.sim.cost import PROFILE_KIND, StepShape
 from tokenyard.sim.steplog import fit_profile, summary_line
 
 
@@ -47,33 +44,9 @@ class Probes:
     max_probe_tokens: int = 16384   # prompt tokens one decode probe prefills at most (a CPU needs minutes more)
 
 
-class StepTimer:
-    """Wraps the engine's scheduler so each step's decision is kept beside the step's wall time."""
-
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self.last: SchedulerOutput | None = None
-        sched = engine.scheduler
-        inner = sched.schedule
-
-        def schedule() -> SchedulerOutput:
-            self.last = inner()
-            return self.last
-
-        sched.schedule = schedule   # type: ignore[method-assign]
-
-    def step(self) -> tuple[StepShape, float]:
-        t0 = time.perf_counter()
-        self.engine.step()
-        dt = time.perf_counter() - t0
-        assert self.last is not None
-        return StepShape.of(self.last), dt
-
-
 class Profiler:
     def __init__(self, engine: LLMEngine, log: Callable[[str], None] = print, repeats: int = 5) -> None:
         self.engine = engine
-        self.timer = StepTimer(engine)
         self.log = log
         self.repeats = repeats
         self.samples: list[tuple[tuple, StepShape, float]] = []   # (probe and step in it, shape, seconds)
@@ -92,6 +65,12 @@ class Profiler:
         self.engine.add_request(self._prompt(prompt_len), params, request_id=rid)
         return rid
 
+    def _step(self) -> tuple[StepShape, float]:
+        """One engine step: the shape of its decision and its wall time."""
+        t0 = time.perf_counter()
+        self.engine.step()
+        return StepShape.of(self.engine.last_decision), time.perf_counter() - t0
+
     def _drain(self) -> None:
         while self.engine.has_unfinished_requests():
             self.engine.step()
@@ -104,11 +83,11 @@ class Profiler:
         for _ in range(batch):
             self._add(context, self.repeats + 2)
         while True:   # until every request has its first token (prefill done)
-            shape, _ = self.timer.step()
+            shape, _ = self._step()
             if shape.decode_only:
                 break
         for _ in range(self.repeats):
-            shape, dt = self.timer.step()
+            shape, dt = self._step()
             if shape.decode_only and shape.num_seqs == batch:
                 self.samples.append((("decode", batch, context), shape, dt))
         self._drain()
@@ -120,14 +99,14 @@ class Profiler:
         for _ in range(background):
             self._add(64, keep)
         while background:
-            shape, _ = self.timer.step()
+            shape, _ = self._step()
             if shape.decode_only:
                 break
         for _ in range(self.repeats):
             rid = self._add(length, 1)
             chunk = 0
             while rid in self.engine.scheduler.requests:
-                shape, dt = self.timer.step()
+                shape, dt = self._step()
                 if not shape.decode_only:
                     self.samples.append((("prefill", length, background, chunk), shape, dt))
                     chunk += 1

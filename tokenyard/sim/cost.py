@@ -3,8 +3,8 @@
 A step's time depends on what it computes (tokens, sequences, the keys attention reads) and on the KV copies it
 waits for. Three sources:
 
-- ``ProfiledCost``: a ``tokenyard profile`` file, a linear model fitted to steps measured on the real engine
-  (decode-only steps and steps with prefill fitted apart: the engine runs them on different paths);
+- ``ProfiledCost``: a ``tokenyard profile`` file, a piecewise-linear model fitted to steps measured on the real
+  engine (decode-only steps and steps with prefill fitted apart: the engine runs them on different paths);
 - ``VidurCost``: Vidur's measured GPU operator times (``mlp.csv``: every linear layer, norm, RoPE, activation
   per token count), with attention and the LM head from first principles (no attention profile is available);
 - ``RooflineCost``: FLOPs against peak compute and bytes against memory bandwidth, from a model's shape and a

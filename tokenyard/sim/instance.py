@@ -5,19 +5,19 @@ A step is what the engine does: ``schedule()``, the step's time from the cost mo
 wait for), then ``update_from_output()`` with a sampled token for every chunk that samples. Overlapped swaps land
 when their copy is done (copies run one after another on one copy engine).
 
-**Collapsed decode spans.** After a step in which every running request decoded one token and nothing else
-happened, the following steps are the same decision again until something changes it. Those steps are run as one
-span: their times summed step by step with the very expression a step uses, then the requests advanced in bulk,
-with the few block allocations and prefix-cache registrations they make replayed in step order, so the state
-after the span is the state stepping reaches (``tests/test_sim.py`` checks it on random workloads). A span ends
-before:
+**Collapsed decode spans.** After a step that leaves every running request decoding, with no KV in flight and
+nothing queued that could start, the following steps are the same decision again until something changes it.
+Those steps are run as one span: their times summed step by step with the very expression a step uses, then the
+requests advanced in bulk, with the few block allocations and prefix-cache registrations they make replayed in
+step order, so the state after the span is the state stepping reaches (``tests/test_sim.py`` checks it on
+random workloads). A span ends before:
 
 - an arrival (the caller bounds it in time) or a migration touching this instance;
 - a finish (a request reaching max_tokens or the context window; sampled tokens are never stop tokens);
 - a block shortage (a step whose allocations exceed the free blocks);
 - a queue head that could start: a span with a queued head only runs under ``fcfs`` / ``priority`` (whose head
-  does not change), when the head did not fit, may preempt no running request, and no block the span
-  registers in the prefix cache continues the head's prefix hit;
+  does not change), when the head did not fit, may preempt no running request, has no prefix hit a new block
+  could evict, and no block the span registers in the prefix cache continues the head's prefix hit;
 - more decodes than the token budget, prefill work or KV in flight (none of which is a span).
 """
 
@@ -37,16 +37,10 @@ SAMPLED_TOKEN = 1   # every simulated output token (no request has stop tokens: 
 
 @dataclass
 class RequestTimes:
-    """What happened to one request, on the simulation's clock."""
+    """When one request arrived and got each token, on the simulation's clock (it moves with a migration)."""
 
     arrival: float
     token_times: list[float] = field(default_factory=list)   # end of the step that sampled each output token
-    finish: float | None = None
-    finish_reason: str | None = None
-    instance: str = ""
-    num_preemptions: int = 0
-    num_migrations: int = 0
-    num_cached_tokens: int = 0
 
 
 @dataclass
@@ -63,7 +57,7 @@ class SimInstance:
                  num_host_blocks: int = 0, enable_prefix_caching: bool = True, block_groups: bool = True,
                  host_cache: bool = True, collapse: bool = True, check_invariants: bool = False,
                  record_tokens: bool = True,
-                 on_finish: Callable[[Request, float], None] | None = None) -> None:
+                 on_finish: Callable[[Request, RequestTimes, float], None] | None = None) -> None:
         self.instance_id = instance_id
         self.cost = cost
         self.kv = KVCacheManager(num_blocks, cost.block_size, num_host_blocks, enable_prefix_caching,
@@ -87,7 +81,6 @@ class SimInstance:
         scheduler's InvalidParameterError for one that can never fit."""
         idle = not self.has_work
         self.sched.add_request(req)
-        times.instance = self.instance_id
         self.times[req.request_id] = times
         self._steady = False
         if idle:
@@ -102,13 +95,15 @@ class SimInstance:
         return self.sched.has_unfinished_requests() or bool(self._in_flight)
 
     # ------------------------------------------------------------------ running
-    def run_until(self, limit: float) -> None:
-        """Run every step that starts before ``limit`` (steps start when the previous one ends)."""
+    def run_until(self, limit: float) -> bool:
+        """Run every step that starts before ``limit`` (steps start when the previous one ends). False: stopped
+        with work left that nothing can run until something arrives."""
         while self.has_work and self.now < limit:
             if self._steady and self._span(limit):
                 continue
             if not self._step():
-                break   # nothing can run until something arrives
+                return False
+        return True
 
     def _step(self) -> bool:
         s = self.sched
@@ -164,14 +159,10 @@ class SimInstance:
 
     def _finished(self, req: Request, t: float) -> None:
         times = self.times.pop(req.request_id)
-        times.finish = t
-        times.finish_reason = req.status.value
-        times.num_preemptions = req.num_preemptions
-        times.num_cached_tokens = max(req.num_cached_tokens, 0)
         if not self.record_tokens and req.num_output_tokens > 1:
             times.token_times.append(t)   # first and last token times are always kept
         if self.on_finish is not None:
-            self.on_finish(req, t)
+            self.on_finish(req, times, t)
 
     # ------------------------------------------------------------------ collapsed spans
     def _is_steady(self) -> bool:

@@ -156,7 +156,6 @@ class Simulator:
     def run(self, specs: Sequence[RequestSpec]) -> SimResult:
         self._chains = chains(list(specs))
         self._records: dict[int, RequestRecord] = {}
-        self._times: dict[str, RequestTimes] = {}
         self._prompt: dict[int, list[int]] = {}       # chain -> the conversation so far (its last turn's tokens)
         self._turn_of: dict[str, tuple[int, int]] = {}
         for ci, chain in enumerate(self._chains):
@@ -204,11 +203,9 @@ class Simulator:
             limit = t_ext
             if chained and self._steps:   # a finish elsewhere may send a turn: stay within the other instances
                 limit = min(limit, self._steps[0][0])
-            before = inst.now
-            inst.run_until(max(limit, math.nextafter(inst.now, inf)))
-            if inst.now == before and inst.has_work and not inst.sched.running and not inst._in_flight:
-                continue   # blocked until something arrives (cannot happen with admissible requests)
-            self._schedule_step(i)
+            if inst.run_until(max(limit, math.nextafter(inst.now, inf))):
+                self._schedule_step(i)
+            # else blocked until something arrives (an arrival schedules it again)
         return self._result()
 
     def _push_arrival(self, t: float, ci: int, turn: int) -> None:
@@ -253,13 +250,11 @@ class Simulator:
             rec.fail("http_400", str(e), 0.0)
             self._next_turn(ci, turn, t, None)
             return
-        self._times[rid] = times
         self._turn_of[rid] = (ci, turn)
         self._schedule_step(idx)
 
-    def _on_finish(self, req: Request, t: float) -> None:
+    def _on_finish(self, req: Request, times: RequestTimes, t: float) -> None:
         ci, turn = self._turn_of.pop(req.request_id)
-        times = self._times.pop(req.request_id)
         spec = self._chains[ci][turn]
         rec = self._records[spec.index]
         a = times.arrival
@@ -359,8 +354,7 @@ class Simulator:
             return
         # commit: the destination adopts a copy of the request (the engine sends a snapshot); the source releases
         # its own
-        times = m.src.times.get(rid)
-        if m.src.sched.detached.get(rid) is None or times is None:
+        if m.src.sched.detached.get(rid) is None or rid not in m.src.times:
             self._abort(m)
             return
         moved = copy.copy(m.req)
@@ -372,10 +366,7 @@ class Simulator:
             self._schedule_step(self.instances.index(m.src))
             return
         m.src.sched.release(rid)
-        del m.src.times[rid]
-        times.num_migrations += 1
-        times.instance = m.dst.instance_id
-        m.dst.times[rid] = times
+        m.dst.times[rid] = m.src.times.pop(rid)
         m.dst.touch()
         m.src.touch()
         self._busy.discard(rid)
@@ -391,15 +382,13 @@ class Simulator:
 
     # ------------------------------------------------------------------ results
     def _result(self) -> SimResult:
-        recs = [self._records[s.index] for ch in self._chains for s in ch]
-        recs.sort(key=lambda r: r.index)
+        recs = [self._records[i] for i in sorted(self._records)]
         ends = [r.end_s for r in recs if r.end_s is not None]
         starts = [r.send_s for r in recs if r.send_s is not None]
         inst = []
         steps = span_steps = 0
         end = max((x.now for x in self.instances), default=0.0)
-        for x in self.live:
-            self.instance_seconds += max(end, x.now) - self._up_since.pop(x.instance_id, end)
+        instance_seconds = self.instance_seconds + sum(end - self._up_since[x.instance_id] for x in self.live)
         for x in self.instances:
             st = x.stats
             steps += st.steps
@@ -408,7 +397,7 @@ class Simulator:
                          "spans": st.spans, "busy_s": st.busy_s, "tokens": st.tokens,
                          "preemptions": x.sched.num_preemptions})
         return SimResult(recs, (max(ends) - min(starts)) if ends else 0.0, inst, self.migrations,
-                         self.migrations_aborted, steps, span_steps, self.instance_seconds, self.scale_events)
+                         self.migrations_aborted, steps, span_steps, instance_seconds, self.scale_events)
 
 
 @dataclass
