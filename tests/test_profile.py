@@ -83,3 +83,12 @@ def test_profile_times_swap_copies_even_without_swap_space(tiny_llama_dir, tmp_p
     copies = Profiler(engine, log=lambda m: None).copies()
     assert copies["swap_s_per_block"] > 0 and copies["swap_s_per_copy"] >= 0
     assert copies["migration_s_per_block"] > 0
+
+
+def test_profile_flags_that_do_not_go_together_are_refused():
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "tokenyard.cli", "profile", "--copies-from", "p.json"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--from-step-log" in p.stderr

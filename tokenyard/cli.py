@@ -303,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _profile(args: argparse.Namespace) -> int:
+    if args.copies_from and not args.from_step_log:
+        raise ValueError("--copies-from goes with --from-step-log (a probe run times the copies itself)")
     if args.from_step_log:
         import json
 

@@ -50,12 +50,14 @@ def add_workload_args(p: argparse.ArgumentParser, client: bool = True) -> None:
     w.add_argument("--seed", type=int, default=0)
 
 
-def add_output_args(p: argparse.ArgumentParser) -> None:
+def add_output_args(p: argparse.ArgumentParser, progress: bool = True) -> None:
+    """--result-json and --label (``progress``: also the progress bar of a run that takes real time)."""
     o = p.add_argument_group("output")
     o.add_argument("--result-json", default=None, help="write config, summary and per-request records here")
     o.add_argument("--label", default=None, help="a name for this run, kept in the report")
-    o.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: when stderr is a terminal)")
+    if progress:
+        o.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="progress bar (default: when stderr is a terminal)")
 
 
 def add_load_args(p: argparse.ArgumentParser, num_prompts_help: str) -> None:

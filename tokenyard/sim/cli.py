@@ -25,7 +25,7 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
                             "cost model (a discrete-event simulation; no model, no GPU)")
     add_workload_args(p, client=False)
     add_load_args(p, "requests to simulate (default 100; with --trace, the rest of the trace)")
-    add_output_args(p)
+    add_output_args(p, progress=False)
     c = p.add_argument_group("cost model")
     c.add_argument("--cost-model", default=DEFAULT_COST_MODEL,
                    help="a `tokenyard profile` JSON file, vidur:DEVICE:MODEL (Vidur's measured GPU operators; "
