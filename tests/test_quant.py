@@ -66,7 +66,34 @@ def test_int8_activation_path_is_within_activation_rounding(kind, rows, n, k):
     assert bool(((got - ref).abs() <= bound * 1.001 + 1e-6).all())
     assert float((got - ref).abs().max()) > 1e-4 * float(ref.abs().max())   # the int8 path was taken
     # The output layer asks for fp32 activations: exact to rounding, whatever the CPU has.
-    exact = quant.linear(x, w, int8_activations=False)
+    exact = quant.linear(x, w, round_activations=False)
+    torch.testing.assert_close(exact, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("rows", [4, 5, 17, 300])   # a 4 x 4 tile, leftover rows, two row chunks
+@pytest.mark.parametrize("n,k", [(6, 64), (202, 576), (9, 96)])
+def test_bf16_path_is_within_bf16_rounding(kind, rows, n, k):
+    """With AVX512-BF16, four rows and more run with activations and dequantized weights rounded to bf16 (8
+    significant bits, round to nearest even) and fp32 sums: each product is off by at most (2 u + u^2) |w x|
+    with u = 2^-8, so the output by that times sum |w| |x|, plus fp32 summation error."""
+    if "bf16" not in kernel.quant_isa():
+        pytest.skip("no AVX512-BF16 here: four rows and more take the fp32 tile path")
+    w = _random_quant(kind, n, k, seed=rows + n)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    wd = w.dequantize()
+    ref = x @ wd.T
+    u = 2.0 ** -8
+    bound = (2 * u + u * u) * (x.abs() @ wd.abs().T) + 1e-5 * float(ref.abs().max())
+    got = quant.linear(x, w)
+    assert bool(((got - ref).abs() <= bound).all())
+    assert float((got - ref).abs().max()) > 1e-4 * float(ref.abs().max())   # the bf16 path was taken
+    # Rounded inputs, exact sums: what the kernel computes, to fp32 summation error. (Its weights are
+    # scale * q + min fused, one rounding, before bf16.)
+    fused = quant.QuantWeight(w.q, w.scales.double(), None if w.mins is None else w.mins.double()).dequantize()
+    rounded = x.bfloat16().float() @ fused.float().bfloat16().float().T
+    torch.testing.assert_close(got, rounded, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    exact = quant.linear(x, w, round_activations=False)
     torch.testing.assert_close(exact, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 

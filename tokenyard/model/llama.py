@@ -234,7 +234,7 @@ class LlamaModel:
             # Decode-only step: the whole layer loop in C++ (same ops, no Python per-op overhead).
             x = fused.decode_layers(x, self._flat_weights(), cos, sin, k_cache, v_cache, slots,
                                     meta.decode_block_tables, meta.decode_context_lens, H, KVH, eps, self.scale)
-            return linear(norm(x[logits_rows], self.w.norm), self.w.lm_head, int8_activations=False)
+            return linear(norm(x[logits_rows], self.w.norm), self.w.lm_head, round_activations=False)
         for li, lw in enumerate(self.w.layers):
             h = norm(x, lw.input_norm)
             qkv = linear(h, lw.qkv, lw.qkv_bias)
@@ -258,7 +258,7 @@ class LlamaModel:
             inter = gate_up.shape[-1] // 2
             x.add_(linear(silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), lw.down, lw.down_bias))
         x = norm(x[logits_rows], self.w.norm)
-        return linear(x, self.w.lm_head, int8_activations=False)
+        return linear(x, self.w.lm_head, round_activations=False)
 
     def _flat_weights(self) -> list[torch.Tensor]:
         """Per layer 15 tensors for the C++ layer loop: input norm, QKV (3), o (3), post norm, gate/up (3),

@@ -111,14 +111,15 @@ def quantize(w: torch.Tensor, kind: str) -> QuantWeight:
 
 # --------------------------------------------------------------------------- the ops
 def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None,
-           int8_activations: bool = True) -> torch.Tensor:
-    """``int8_activations=False`` keeps the activations fp32 even where the kernel would round a few rows to int8
-    (AVX-512 VNNI): the output layer uses it, since rounding its input flips near-tie tokens."""
+           round_activations: bool = True) -> torch.Tensor:
+    """With ``round_activations`` (the default) the kernel may round the activations where that is faster: to int8
+    per block for 1-3 rows (AVX-512 VNNI), to bf16 from 4 rows on (AVX512-BF16). ``False`` keeps them fp32: the
+    output layer asks for that, since rounding its input flips near-tie tokens."""
     if not isinstance(w, QuantWeight):
         return F.linear(x, w, bias)
     from tokenyard.model.paged_attention import load_kernel
 
-    return load_kernel().quant_linear(x, *w.parts(), bias, int8_activations)
+    return load_kernel().quant_linear(x, *w.parts(), bias, round_activations)
 
 
 def embedding(ids: torch.Tensor, w: torch.Tensor | QuantWeight) -> torch.Tensor:

@@ -199,7 +199,7 @@ std::vector<torch::Tensor> rope_and_cache(const torch::Tensor& qkv, const torch:
 // goes away is Python's per-op overhead, which at decode sizes is a good part of a step's non-GEMM time.
 torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales,
                            const torch::Tensor& mins, const c10::optional<torch::Tensor>& bias,
-                           bool int8_activations);
+                           bool round_activations);
 
 // A linear layer given as three tensors: (W, empty, empty) in fp32, or (q, scales, mins) block-quantized.
 static torch::Tensor linear3(const torch::Tensor& x, const torch::Tensor* w,
@@ -246,7 +246,7 @@ std::string quant_isa();
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_linear", &quant_linear, "x @ W.T for a block-quantized W (q4_1 or q8_0), plus an optional bias",
         py::arg("x"), py::arg("q"), py::arg("scales"), py::arg("mins"), py::arg("bias"),
-        py::arg("int8_activations") = true, py::call_guard<py::gil_scoped_release>());
+        py::arg("round_activations") = true, py::call_guard<py::gil_scoped_release>());
   m.def("quant_dequantize", &quant_dequantize, "the fp32 matrix of a block-quantized weight",
         py::call_guard<py::gil_scoped_release>());
   m.def("quant_isa", &quant_isa, "the instruction set quant_linear runs with here",
