@@ -230,7 +230,10 @@ class LlamaModel:
             block_rows = k_cache.stride(0) // (KVH * D)
             cache_rows = (slots // bsz) * block_rows + slots % bsz
         x = quant.embedding(input_ids, self.w.embed)
-        if fused is not None and self.fuse_decode_layers and not meta.prefills and not self.extra_biases:
+        fused_decode = fused is not None and self.fuse_decode_layers and not meta.prefills and not self.extra_biases
+        if fused is not None:
+            fused.pool_spin_long(fused_decode)
+        if fused_decode:
             # Decode-only step: the whole layer loop in C++ (same ops, no Python per-op overhead).
             x = fused.decode_layers(x, self._flat_weights(), cos, sin, k_cache, v_cache, slots,
                                     meta.decode_block_tables, meta.decode_context_lens, H, KVH, eps, self.scale)

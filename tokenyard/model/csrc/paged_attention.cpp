@@ -12,6 +12,7 @@
 #include <vector>
 
 // The kernels' parallel loops run on tokenyard's own thread pool (thread_pool.cpp says why).
+void tokenyard_pool_spin_long(bool on);   // thread_pool.cpp
 void tokenyard_parallel_for(int64_t begin, int64_t end, int64_t grain,
                             const std::function<void(int64_t, int64_t)>& fn);
 
@@ -249,6 +250,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("round_activations") = true, py::call_guard<py::gil_scoped_release>());
   m.def("quant_dequantize", &quant_dequantize, "the fp32 matrix of a block-quantized weight",
         py::call_guard<py::gil_scoped_release>());
+  m.def("pool_spin_long", &tokenyard_pool_spin_long,
+        "idle kernel-pool workers spin long (decode-only steps) or briefly (steps that run ATen ops between kernels)");
   m.def("quant_isa", &quant_isa, "the instruction set quant_linear runs with here",
         py::call_guard<py::gil_scoped_release>());
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache",
