@@ -34,7 +34,8 @@ def _tiles_isa() -> str:
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 17, 300])   # tiles of 4 rows and leftovers; 300: two row chunks
 @pytest.mark.parametrize("n,k", [(6, 64), (202, 576)])     # weight rows in fours and leftovers
 def test_fp32_tile_paths_match_dequantize_then_matmul(isa, kind, rows, n, k, monkeypatch):
-    """The fp32 paths (weights dequantized, fp32 products): fp32 rounding only, whatever the batch."""
+    """The fp32 paths (weights dequantized, fp32 products; what runs when the caller keeps fp32 activations, and
+    on a CPU without int8 or bf16 paths): fp32 rounding only, whatever the batch."""
     monkeypatch.setenv("TOKENYARD_QUANT_ISA", isa)
     if _tiles_isa() != isa:
         pytest.skip(f"this CPU has no {isa} path")
@@ -42,20 +43,26 @@ def test_fp32_tile_paths_match_dequantize_then_matmul(isa, kind, rows, n, k, mon
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
     bias = torch.randn(n)
     ref = x @ w.dequantize().T + bias
-    got = quant.linear(x, w, bias)
+    got = quant.linear(x, w, bias, round_activations=False)
+    if isa == "scalar":   # the scalar build has no rounding paths at all
+        torch.testing.assert_close(quant.linear(x, w, bias), got, rtol=0, atol=0)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
     assert torch.equal(kernel.quant_dequantize(*w.parts()), w.dequantize())
 
 
+@pytest.mark.parametrize("isa", ["", "avx2"])   # the best this CPU has (VNNI where present), AVX2's maddubs
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
 @pytest.mark.parametrize("rows", [1, 2, 3])
 @pytest.mark.parametrize("n,k", [(6, 64), (202, 576), (9, 96)])   # 96: an odd number of blocks
-def test_int8_activation_path_is_within_activation_rounding(kind, rows, n, k):
-    """With AVX-512 VNNI, up to 3 rows run with int8 activations (per 32-block absmax scaling, as llama.cpp):
-    each product's activation is off by at most half a step, max|x_block| / 254; the output error is bounded
-    by the sum of |w| times that, and is far below the weights' own quantization error."""
-    if "vnni" not in kernel.quant_isa():
-        pytest.skip("no AVX-512 VNNI here: every batch takes the fp32 path")
+def test_int8_activation_path_is_within_activation_rounding(isa, kind, rows, n, k, monkeypatch):
+    """With AVX-512 VNNI or AVX2, up to 3 rows run with int8 activations (per 32-block absmax scaling, as
+    llama.cpp): each product's activation is off by at most half a step, max|x_block| / 254; the output error is
+    bounded by the sum of |w| times that, and is far below the weights' own quantization error."""
+    if isa:
+        monkeypatch.setenv("TOKENYARD_QUANT_ISA", isa)
+    name = kernel.quant_isa()
+    if "vnni" not in name and "int8" not in name:
+        pytest.skip(f"no int8 path here ({name}): every batch takes the fp32 path")
     w = _random_quant(kind, n, k, seed=rows + n)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
     wd = w.dequantize()

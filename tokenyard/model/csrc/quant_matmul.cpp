@@ -35,7 +35,7 @@ void tokenyard_parallel_for(int64_t begin, int64_t end, int64_t grain,
 namespace {
 
 constexpr int64_t kBlock = 32;
-constexpr int64_t kIntRows = 3;      // up to this many activation rows: int8 activations (VNNI), if present;
+constexpr int64_t kIntRows = 3;      // up to this many activation rows: int8 activations (VNNI or AVX2);
                                       // from 4 rows on, the 4 x 4 fp32 tiles were faster here
 constexpr int64_t kRowChunk = 256;   // activation rows per pass over the weights (kept in L2)
 
@@ -428,33 +428,86 @@ TY_BF16_TARGET void rows_bf16(const Weights& w, const uint16_t* x, int64_t rows,
   }
 }
 
-// The int8-activation path runs where the CPU has VNNI, unless TOKENYARD_QUANT_ISA asks for a tile path.
-bool use_vnni() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512vnni") && !std::getenv("TOKENYARD_QUANT_ISA");
+// ------------------------------------------------------------------------------------------ AVX2 int8
+// The int8-activation path of CPUs without VNNI (AVX2 machines; AVX-512 ones before VNNI): the same activation
+// blocks, 32 products per vpmaddubsw (unsigned 8-bit x signed 8-bit, adjacent pairs summed to int16), then
+// vpmaddwd by ones to int32. q4_1's nibbles are small enough that no int16 sum saturates (2 * 15 * 127); for
+// q8_0, llama.cpp's sign trick: |w| x (x with w's sign), at most 2 * 127 * 127. The sums are exact, so this
+// path gives the VNNI path's results up to the order of fp32 additions.
+__attribute__((target("avx2,fma")))
+inline __m256i weights32_avx2(const Weights& w, const uint8_t* q, int64_t b, const __m256i x, __m256i& xs) {
+  if (w.kind == Kind::Q4_1) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    xs = x;
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
+  }
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * kBlock));
+  xs = _mm256_sign_epi8(x, v);
+  return _mm256_abs_epi8(v);   // q8_0 weights are within -127..127
 }
 
-// The bf16 path runs where the CPU has AVX512-BF16, unless TOKENYARD_QUANT_ISA asks for a tile path.
-bool use_bf16() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512bf16") && !std::getenv("TOKENYARD_QUANT_ISA");
+__attribute__((target("avx2,fma")))
+void rows_int8_avx2(const Weights& w, const QuantRows& xq, int64_t rows, int64_t n0, int64_t n1, float* y,
+                    int64_t ldy) {
+  const int64_t nb = w.nb, K = w.k;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* q = w.q + n * w.row_bytes;
+    const float* dw = w.scales + n * nb;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int8_t* xr = xq.q.data() + r * K;
+      const float* dx = xq.d.data() + r * nb;
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + b * kBlock));
+        __m256i xs;
+        const __m256i wu = weights32_avx2(w, q, b, x, xs);
+        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xs), ones);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw[b] * dx[b]), acc);
+      }
+      float s = hsum256(acc);
+      if (w.kind == Kind::Q4_1) {
+        const float* mn = w.mins + n * nb;
+        const int32_t* xs = xq.sum.data() + r * nb;
+        for (int64_t b = 0; b < nb; ++b) s += mn[b] * dx[b] * static_cast<float>(xs[b]);
+      }
+      y[r * ldy + n] = s;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ choosing paths
+// What this CPU has, less what TOKENYARD_QUANT_ISA asks to leave out (the tests and benchmarks run each):
+//   avx512  AVX-512 without VNNI and BF16 (an early AVX-512 CPU): fp32 tiles, AVX2 int8 for 1-3 rows
+//   avx2    an AVX2-only CPU: AVX2 fp32 tiles, AVX2 int8 for 1-3 rows
+//   scalar  scalar fp32 loops only
+struct Isa {
+  bool avx512, vnni, bf16, avx2;
+};
+
+Isa isa() {
+  const char* want = std::getenv("TOKENYARD_QUANT_ISA");
+  const std::string ask = want ? want : "";
+  Isa i;
+  i.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && ask != "scalar";
+  i.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && ask != "scalar" &&
+             ask != "avx2";
+  i.vnni = i.avx512 && __builtin_cpu_supports("avx512vnni") && ask.empty();
+  i.bf16 = i.avx512 && __builtin_cpu_supports("avx512bf16") && ask.empty();
+  return i;
 }
 
 using RowsFn = void (*)(const Weights&, const float*, int64_t, int64_t, int64_t, float*, int64_t);
+using IntRowsFn = void (*)(const Weights&, const QuantRows&, int64_t, int64_t, int64_t, float*, int64_t);
 
-// The best path this CPU has; TOKENYARD_QUANT_ISA=avx2|scalar asks for a lesser one (the tests run each).
-RowsFn pick_rows_fn() {
-  const char* want = std::getenv("TOKENYARD_QUANT_ISA");
-  const std::string ask = want ? want : "";
-  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl");
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (ask == "scalar") return &rows_scalar;
-  if (avx512 && ask != "avx2") return &rows_avx512;
-  if (avx2) return &rows_avx2;
-  return &rows_scalar;
+RowsFn pick_rows_fn(const Isa& i) {
+  return i.avx512 ? &rows_avx512 : i.avx2 ? &rows_avx2 : &rows_scalar;
+}
+
+IntRowsFn pick_int_rows_fn(const Isa& i) {
+  return i.vnni ? &rows_vnni : i.avx2 ? &rows_int8_avx2 : nullptr;
 }
 
 Weights describe(const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& mins) {
@@ -505,11 +558,13 @@ torch::Tensor quant_linear(const torch::Tensor& x_in, const torch::Tensor& q, co
   auto y = torch::empty({T, w.n}, torch::kFloat32);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  if (round_activations && T <= kIntRows && use_vnni()) {
+  const Isa cpu = isa();
+  const IntRowsFn int_rows = pick_int_rows_fn(cpu);
+  if (round_activations && T <= kIntRows && int_rows) {
     QuantRows xq;
     quantize_rows(xp, T, w.k, xq);
-    tokenyard_parallel_for(0, w.n, 16, [&](int64_t n0, int64_t n1) { rows_vnni(w, xq, T, n0, n1, yp, w.n); });
-  } else if (round_activations && T > kIntRows && use_bf16()) {
+    tokenyard_parallel_for(0, w.n, 16, [&](int64_t n0, int64_t n1) { int_rows(w, xq, T, n0, n1, yp, w.n); });
+  } else if (round_activations && T > kIntRows && cpu.bf16) {
     std::vector<uint16_t> xb(T * w.k);
     tokenyard_parallel_for(0, T, 16, [&](int64_t r0, int64_t r1) {
       round_to_bf16(xp + r0 * w.k, (r1 - r0) * w.k, xb.data() + r0 * w.k);
@@ -521,7 +576,7 @@ torch::Tensor quant_linear(const torch::Tensor& x_in, const torch::Tensor& q, co
       });
     }
   } else {
-    const RowsFn fn = pick_rows_fn();
+    const RowsFn fn = pick_rows_fn(cpu);
     // Activation rows in chunks that stay in L2 while every weight row passes over them.
     for (int64_t r0 = 0; r0 < T; r0 += kRowChunk) {
       const int64_t rows = std::min(kRowChunk, T - r0);
@@ -537,7 +592,10 @@ torch::Tensor quant_linear(const torch::Tensor& x_in, const torch::Tensor& q, co
 }
 
 std::string quant_isa() {
-  const RowsFn fn = pick_rows_fn();
-  const std::string tiles = fn == &rows_avx512 ? "avx512" : fn == &rows_avx2 ? "avx2" : "scalar";
-  return tiles + (use_vnni() ? "+vnni" : "") + (use_bf16() ? "+bf16" : "");
+  const Isa cpu = isa();
+  const RowsFn fn = pick_rows_fn(cpu);
+  const IntRowsFn int_rows = pick_int_rows_fn(cpu);
+  std::string name = fn == &rows_avx512 ? "avx512" : fn == &rows_avx2 ? "avx2" : "scalar";
+  if (int_rows) name += int_rows == &rows_vnni ? "+vnni" : "+int8";
+  return cpu.bf16 ? name + "+bf16" : name;
 }
