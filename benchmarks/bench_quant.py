@@ -22,6 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+import tokenyard  # noqa: F401  (before torch: it sets OMP_WAIT_POLICY; see tokenyard/__init__.py)
+
+# isort: split
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from typing import TYPE_CHECKING
 
 # OpenMP threads (torch's ATen ops) that spin after each parallel region take the cores from the C++ kernels'
@@ -16,6 +17,9 @@ from typing import TYPE_CHECKING
 # per region and win everywhere measured. libgomp reads this once, when torch loads it: so here, before any
 # tokenyard module imports torch (a program that imports torch first keeps its own setting). An explicit
 # setting in the environment wins.
+#: True when torch was loaded before tokenyard with no OMP_WAIT_POLICY set: too late for the setting above
+#: (the CPU engine warns then).
+OMP_SETTING_MISSED = "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"

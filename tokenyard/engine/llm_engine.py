@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 import torch
 
+import tokenyard
 from tokenyard.config import EngineConfig
 from tokenyard.engine.kv_store import KVStore
 from tokenyard.engine.model_runner import ModelRunner
@@ -137,6 +138,10 @@ class LLMEngine:
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         device = _device(config.device)
+        if device.type == "cpu" and tokenyard.OMP_SETTING_MISSED:
+            log.warning("torch was imported before tokenyard without OMP_WAIT_POLICY set: OpenMP threads will spin "
+                        "against the CPU kernels (a prefill can take ~3x longer). Import tokenyard first, or set "
+                        "OMP_WAIT_POLICY=PASSIVE in the environment.")
         dtype = _DTYPES[resolve_dtype(config.dtype, device)]
         per_block = KVStore.bytes_per_block(mc, config.block_size, dtype)
         self.quantization = resolve_quantization(config.quantization, device, dtype)
