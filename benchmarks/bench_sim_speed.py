@@ -4,7 +4,9 @@ The workload is the one ``benchmarks/vidur/run_vidur.sh`` gives Vidur: the first
 trace in real time, prompt + output clamped to 4096 tokens (the output to 4095, the prompt cut), Llama-2-7B on an
 H100 (Vidur's measured operator profile), chunked prefill of 512 tokens, at most 128 running requests,
 round-robin dispatch; 1 and 16 instances. Variants: every step through the scheduler (``--no-collapse``) and
-collapsed decode spans, with and without every token's time kept.
+collapsed decode spans, with and without every token's time kept; with tokenyard's prefix cache on (its default)
+and off (Vidur's scheduler has none: the same feature set as the peer; hashing and registering every full block
+is then not done).
 
     python benchmarks/bench_sim_speed.py                 # tokenyard's variants; Vidur's from vidur_speed.json
     python benchmarks/bench_sim_speed.py --run-vidur     # rerun Vidur first (benchmarks/vidur/run_vidur.sh)
@@ -55,11 +57,11 @@ def specs_like_vidur(path: Path, n: int, max_tokens: int = 4096) -> list[Request
     return out
 
 
-def run_one(specs, instances: int, collapse: bool, tokens: bool, profile: bool = False) -> dict:
+def run_one(specs, instances: int, collapse: bool, tokens: bool, prefix: bool = True, profile: bool = False) -> dict:
     cost = load_cost_model("vidur:h100:llama-2-7b")
     sim = Simulator(SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=128), cost,
                     SimConfig(num_instances=instances, dispatch="round-robin", migration=False, max_model_len=4096,
-                              collapse=collapse, record_tokens=tokens))
+                              collapse=collapse, record_tokens=tokens, enable_prefix_caching=prefix))
     prof = cProfile.Profile() if profile else None
     t0 = time.perf_counter()
     if prof:
@@ -69,7 +71,8 @@ def run_one(specs, instances: int, collapse: bool, tokens: bool, profile: bool =
         prof.disable()
     wall = time.perf_counter() - t0
     ok = sum(r.ok for r in res.records)
-    out = {"instances": instances, "collapse": collapse, "token_times": tokens, "wall_s": wall,
+    out = {"instances": instances, "collapse": collapse, "token_times": tokens, "prefix_caching": prefix,
+           "wall_s": wall,
            "requests_per_s": len(specs) / wall, "completed": ok, "steps": res.steps, "span_steps": res.span_steps,
            "simulated_s": res.duration_s}
     if prof:
@@ -100,14 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     specs = specs_like_vidur(Path(args.trace), args.num_requests)
     rows = []
     for n in (int(x) for x in args.instances.split(",")):
-        for collapse, tokens in ((False, True), (True, True), (True, False)):
-            r = run_one(specs, n, collapse, tokens)
-            console.print(f"{n} instance(s), collapse={collapse}, token times={tokens}: {r['wall_s']:.1f} s, "
-                          f"{r['requests_per_s']:.0f} req/s ({r['span_steps']}/{r['steps']} steps in spans)")
+        for collapse, tokens, prefix in ((False, True, True), (True, True, True), (True, False, True),
+                                         (False, True, False), (True, False, False)):
+            r = run_one(specs, n, collapse, tokens, prefix)
+            console.print(f"{n} instance(s), collapse={collapse}, token times={tokens}, prefix cache={prefix}: "
+                          f"{r['wall_s']:.1f} s, {r['requests_per_s']:.0f} req/s "
+                          f"({r['span_steps']}/{r['steps']} steps in spans)")
             rows.append(r)
         if args.cprofile:
-            r = run_one(specs, n, True, False, profile=True)
-            console.print(r["top"])
+            for prefix in (True, False):
+                r = run_one(specs, n, True, False, prefix, profile=True)
+                console.print(r["top"])
     table = Table(title=f"requests simulated per wall second, {args.num_requests} requests ({machine()['cpu']}, "
                         f"one core)")
     for c in ("instances", "simulator", "wall s", "req/s", "vs Vidur"):
@@ -118,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             table.add_row(str(n), "Vidur 0.0.26", f"{args.num_requests / v:.1f}", f"{v:.0f}", "1.00")
         for r in (x for x in rows if x["instances"] == n):
             name = "tokenyard " + ("collapsed" if r["collapse"] else "step by step") + \
-                ("" if r["token_times"] else ", no token times")
+                ("" if r["token_times"] else ", no token times") + \
+                ("" if r["prefix_caching"] else ", no prefix cache")
             r["vs_vidur"] = r["requests_per_s"] / v if v else None
             table.add_row(str(n), name, f"{r['wall_s']:.1f}", f"{r['requests_per_s']:.0f}",
                           f"{r['vs_vidur']:.1f}" if v else "-")
