@@ -99,22 +99,26 @@ inline void block512(const Weights& w, const uint8_t* q, int64_t b, __m512& lo, 
 
 // Four weight rows at a time: their blocks are dequantized once into an L1-resident fp32 buffer, then the
 // activations take their dot products from there in 4 x 4 tiles (16 accumulators: each load feeds four FMAs).
+// Block b of weight row n in fp32: scale * q (+ min), one rounding (fused).
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline void scaled_block512(const Weights& w, int64_t n, int64_t b, __m512& lo, __m512& hi) {
+  block512(w, w.q + n * w.row_bytes, b, lo, hi);
+  const __m512 d = _mm512_set1_ps(w.scales[n * w.nb + b]);
+  if (w.kind == Kind::Q4_1) {
+    const __m512 m = _mm512_set1_ps(w.mins[n * w.nb + b]);
+    lo = _mm512_fmadd_ps(lo, d, m);
+    hi = _mm512_fmadd_ps(hi, d, m);
+  } else {
+    lo = _mm512_mul_ps(lo, d);
+    hi = _mm512_mul_ps(hi, d);
+  }
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 inline void dequant_row512(const Weights& w, int64_t n, float* out) {
-  const uint8_t* q = w.q + n * w.row_bytes;
-  const float* sc = w.scales + n * w.nb;
   for (int64_t b = 0; b < w.nb; ++b) {
     __m512 lo, hi;
-    block512(w, q, b, lo, hi);
-    const __m512 d = _mm512_set1_ps(sc[b]);
-    if (w.kind == Kind::Q4_1) {
-      const __m512 m = _mm512_set1_ps(w.mins[n * w.nb + b]);
-      lo = _mm512_fmadd_ps(lo, d, m);
-      hi = _mm512_fmadd_ps(hi, d, m);
-    } else {
-      lo = _mm512_mul_ps(lo, d);
-      hi = _mm512_mul_ps(hi, d);
-    }
+    scaled_block512(w, n, b, lo, hi);
     _mm512_storeu_ps(out + b * kBlock, lo);
     _mm512_storeu_ps(out + b * kBlock + 16, hi);
   }
@@ -353,20 +357,9 @@ TY_BF16_TARGET void round_to_bf16(const float* x, int64_t n, uint16_t* out) {   
 }
 
 TY_BF16_TARGET inline void dequant_row_bf16(const Weights& w, int64_t n, uint16_t* out) {
-  const uint8_t* q = w.q + n * w.row_bytes;
-  const float* sc = w.scales + n * w.nb;
   for (int64_t b = 0; b < w.nb; ++b) {
     __m512 lo, hi;
-    block512(w, q, b, lo, hi);
-    const __m512 d = _mm512_set1_ps(sc[b]);
-    if (w.kind == Kind::Q4_1) {
-      const __m512 m = _mm512_set1_ps(w.mins[n * w.nb + b]);
-      lo = _mm512_fmadd_ps(lo, d, m);
-      hi = _mm512_fmadd_ps(hi, d, m);
-    } else {
-      lo = _mm512_mul_ps(lo, d);
-      hi = _mm512_mul_ps(hi, d);
-    }
+    scaled_block512(w, n, b, lo, hi);
     const __m512bh v = _mm512_cvtne2ps_pbh(hi, lo);
     _mm512_storeu_si512(reinterpret_cast<void*>(out + b * kBlock), reinterpret_cast<const __m512i&>(v));
   }
