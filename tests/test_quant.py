@@ -184,6 +184,16 @@ def test_quantized_greedy_agrees_with_fp32(bundled_pair):
     assert quantized.engine.kv.num_used_blocks == 0
 
 
+def test_kernel_pool_spins_long_only_in_decode_only_steps(bundled_pair, monkeypatch):
+    """Steps with prefill run ATen ops between the kernels and need the cores: the pool's idle workers must sleep
+    soon there, and spin long only in decode-only steps (the C++ layer loop)."""
+    calls: list[bool] = []
+    real = kernel.pool_spin_long
+    monkeypatch.setattr(kernel, "pool_spin_long", lambda on: (calls.append(on), real(on)))
+    bundled_pair[0].generate(["Once upon a time"], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    assert calls == [False, True, True, True]   # the prefill step, then three decode-only steps
+
+
 def test_cpp_layer_loop_equals_python_loop_on_quantized_weights(bundled_pair):
     """A decode-only step through the C++ layer loop (quantized linears inside) gives the Python loop's bits."""
     from tokenyard.sched.output import ScheduledChunk

@@ -27,7 +27,8 @@ thread_local bool t_in_pool_task = false;
 // in decode-only steps: the C++ layer loop's kernels come back to back and steps follow each other closely, and
 // waking a sleeping worker costs more than a decode step's matvec. Short in steps with prefill: between kernels
 // called from Python, ATen's own OpenMP threads run (attention, norms, activations) and a spinning worker takes
-// their core (measured: a 512-token prefill of SmolLM2 took 382 ms with the long spin, 293 ms with the short).
+// their core (measured in one process, the two alternated: a 512-token prefill of SmolLM2 took 383-401 ms with
+// the long spin everywhere, 300-304 ms switched this way; single-stream decode 149-150 and 170-172 tok/s).
 constexpr int kLongSpin = 20000, kShortSpin = 2000;
 std::atomic<int> g_spin{kShortSpin};
 
