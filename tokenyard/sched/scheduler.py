@@ -59,6 +59,17 @@ class SchedulerConfig:
         check_policy_name(self.scheduling_policy)
 
 
+def admission_tokens(req: Request, num_computed: int, overlap: bool, budget: int) -> tuple[int, int]:
+    """(tokens of the chunk scheduled at admission, tokens to make room for). A copy that overlaps the forward
+    pass schedules nothing now, but room is still made for the request's next token: admitted without it, a
+    request whose copy lands could not get a block for that token and would preempt itself, again and again
+    (with reused host copies, in no time: found by the simulator's property test as a run that never ended)."""
+    if overlap:
+        return 0, num_computed + min(1, req.num_tokens - num_computed)
+    n = min(req.num_tokens - num_computed, budget)
+    return n, num_computed + n
+
+
 @dataclass
 class _Step:
     """One step's decisions in the making."""
@@ -303,9 +314,9 @@ class Scheduler:
         # Pinned while this admission preempts: a victim's swap-out must not take (and overwrite) them.
         self.kv.host_pool.touch(host_hits)
         # Sized once, before making room: a victim's rolled-back chunk returns budget, and room is made for this n.
-        n = 0 if overlap else min(req.num_tokens - num_computed, st.budget)
+        n, room = admission_tokens(req, num_computed, overlap, st.budget)
         try:
-            if not self._make_room(st, req, num_computed + n, hits):
+            if not self._make_room(st, req, room, hits):
                 return False
             self.policy.remove(req)
             if swapped:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from tokenyard.invariants import require
 from tokenyard.kv.manager import KVCacheManager
 from tokenyard.sched.request import Request, RequestStatus
-from tokenyard.sched.scheduler import Scheduler, SchedulerConfig
+from tokenyard.sched.scheduler import Scheduler, SchedulerConfig, admission_tokens
 from tokenyard.sim.cost import CostModel, StepShape
 
 SAMPLED_TOKEN = 1   # every simulated output token (no request has stop tokens: lengths are max_tokens)
@@ -209,8 +209,8 @@ class SimInstance:
             return False
         computed += len(host) * kv.block_size
         overlap = s.config.swap_overlap and (swapped or bool(host))
-        n = 0 if overlap else min(head.num_tokens - computed, budget_left)
-        return s._blocks_short(head, computed + n, hits) > 0
+        _, room = admission_tokens(head, computed, overlap, budget_left)
+        return s._blocks_short(head, room, hits) > 0
 
     def _span(self, limit: float) -> bool:
         """Run the decode steps that repeat the last one, starting before ``limit``. False: none can run.
