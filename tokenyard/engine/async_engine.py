@@ -232,6 +232,19 @@ class AsyncEngine(StreamingEngine):
         if self._thread.is_alive():
             await asyncio.to_thread(self._thread.join)
 
+    def stop_now(self, timeout: float = 10.0) -> None:
+        """Stop the loop after its current step and wait for the thread (a forced exit, from any thread).
+
+        The loop thread is a daemon: left running into interpreter shutdown, a step inside a C++ op (which runs
+        without the GIL) ends by taking the GIL back, which a finalizing interpreter answers by ending the thread
+        in a way C++ cannot unwind: "terminate called without an active exception", SIGABRT."""
+        with self._cv:
+            self._accepting = False
+            self._stop = True
+            self._cv.notify()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
     # ------------------------------------------------------------------ requests
     async def add_requests(
         self,
