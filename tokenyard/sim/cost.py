@@ -21,6 +21,7 @@ import bisect
 import csv
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -74,13 +75,18 @@ class CostModel(ABC):
     def decode_ends(self, t: float, num_seqs: int, context: int, k: int, limit: float) -> list[float]:
         """End times of up to ``k`` decode steps of ``num_seqs`` sequences from ``t`` (the context growing by
         ``num_seqs`` a step), while a step starts before ``limit``: exactly ``t = t + decode_time(...)`` per step."""
+        step = self._decode_step(num_seqs)
         ends: list[float] = []
-        decode_time = self.decode_time
         while len(ends) < k and t < limit:
-            t = t + decode_time(num_seqs, context)
+            t = t + step(context)
             ends.append(t)
             context += num_seqs
         return ends
+
+    def _decode_step(self, num_seqs: int) -> Callable[[int], float]:
+        """``decode_time(num_seqs, context)`` as a function of the context, with what depends only on
+        ``num_seqs`` computed once (the same float operations, so the same values)."""
+        return lambda context: self.decode_time(num_seqs, context)
 
     def step_time(self, s: StepShape) -> float:
         if s.num_seqs == 0:
@@ -180,14 +186,9 @@ class ProfiledCost(CostModel):
     def decode_time(self, num_seqs: int, context: int) -> float:
         return self._interp(num_seqs, self.d_knots, self.d_vals) + self.d_ctx * context
 
-    def decode_ends(self, t: float, num_seqs: int, context: int, k: int, limit: float) -> list[float]:
+    def _decode_step(self, num_seqs: int) -> Callable[[int], float]:
         base, dc = self._interp(num_seqs, self.d_knots, self.d_vals), self.d_ctx   # decode_time's two terms
-        ends: list[float] = []
-        while len(ends) < k and t < limit:
-            t = t + (base + dc * context)
-            ends.append(t)
-            context += num_seqs
-        return ends
+        return lambda context: base + dc * context
 
     def mixed_time(self, s: StepShape) -> float:
         m = self.m
@@ -304,14 +305,9 @@ class _FirstPrinciples(CostModel):
         # each decode query reads its context: query-key pairs = keys = context
         return self.decode_base(num_seqs) + self.attention_time(context, context)
 
-    def decode_ends(self, t: float, num_seqs: int, context: int, k: int, limit: float) -> list[float]:
+    def _decode_step(self, num_seqs: int) -> Callable[[int], float]:
         base, attn = self.decode_base(num_seqs), self.attention_time
-        ends: list[float] = []
-        while len(ends) < k and t < limit:
-            t = t + (base + attn(context, context))
-            ends.append(t)
-            context += num_seqs
-        return ends
+        return lambda context: base + attn(context, context)
 
     def describe(self) -> dict:
         return {**super().describe(), "model": asdict(self.model), "device": asdict(self.device), "mfu": self.mfu,
