@@ -262,9 +262,7 @@ class SimInstance:
         for j in sorted(events):
             if not static:   # VTC orders by the counters as step j begins
                 if j > charged:
-                    self._charge(tenants, j - charged - 1)
-                    snap = {t: s.ledger.counter[t] for t in tenants}   # before step j - 1's charges
-                    self._charge(tenants, 1)
+                    snap = self._charge_steps(tenants, j - charged)   # counters before step j - 1's charges
                     charged = j
                 s.policy.begin_step()
             alloc = by_phase.get((-j) % bs, ())
@@ -298,12 +296,7 @@ class SimInstance:
             return False
         # VTC's frozen counters after the span: each tenant's before the last step's charges (recorded before a
         # tenant's first charge in a step); the last step's charges are in already when a shortage ended the span.
-        if charged == done:
-            before_last = snap
-        else:
-            self._charge(tenants, done - 1 - charged)
-            before_last = {t: s.ledger.counter[t] for t in tenants}
-            self._charge(tenants, 1)
+        before_last = snap if charged == done else self._charge_steps(tenants, done - charged)
         if not static and hasattr(s.policy, "_frozen"):
             s.policy.begin_step()
             s.policy._frozen.update(before_last)
@@ -329,6 +322,13 @@ class SimInstance:
         if self.check:
             s.check_invariants()
         return True
+
+    def _charge_steps(self, tenants: dict[str, int], steps: int) -> dict[str, float]:
+        """Charge ``steps`` (>= 1) decode steps; returns the tenants' counters as they were before the last one."""
+        self._charge(tenants, steps - 1)
+        before_last = {t: self.sched.ledger.counter[t] for t in tenants}
+        self._charge(tenants, 1)
+        return before_last
 
     def _charge(self, tenants: dict[str, int], steps: int) -> None:
         """``steps`` decode steps' charges, as ``ServiceLedger.charge`` makes them: per tenant, one addition per

@@ -227,17 +227,20 @@ class Simulator:
         most decode spans were cut short by arrivals elsewhere)."""
         self._routed = {}
         self._due = [deque() for _ in self.instances]
-        loads = [_Lite(x.instance_id, x.instance_id in self.draining) for x in self.live]
         for t, _, ci, turn in sorted(self._arrivals):
             spec = self._chains[ci][turn]
             if spec.input_len + spec.output_len > self.config.max_model_len:
                 continue   # refused at arrival, before dispatch
-            prompt = self._new_tokens(spec)
-            chosen = self.dispatch.choose(loads, DispatchInfo(f"r{spec.index}", len(prompt),
-                                                              hash(tuple(prompt[:64])), spec.priority or 0))
-            idx = int(chosen[1:])
+            idx = self._choose(f"r{spec.index}", self._new_tokens(spec), spec.priority or 0)
             self._routed[spec.index] = idx
             self._due[idx].append(t)
+
+    def _choose(self, rid: str, prompt: list[int], priority: int) -> int:
+        """The dispatcher's instance (an index) for a request of this prompt."""
+        loads = self._loads() if self._loads_needed else \
+            [_Lite(x.instance_id, x.instance_id in self.draining) for x in self.live]
+        chosen = self.dispatch.choose(loads, DispatchInfo(rid, len(prompt), hash(tuple(prompt[:64])), priority))
+        return int(chosen[1:])
 
     @staticmethod
     def _new_tokens(spec: RequestSpec) -> list[int]:
@@ -275,11 +278,7 @@ class Simulator:
             idx = self._routed[spec.index]
             self._due[idx].popleft()
         else:
-            loads = self._loads() if self._loads_needed else \
-                [_Lite(x.instance_id, x.instance_id in self.draining) for x in self.live]
-            chosen = self.dispatch.choose(loads, DispatchInfo(rid, len(prompt), hash(tuple(prompt[:64])),
-                                                              req.priority))
-            idx = int(chosen[1:])
+            idx = self._choose(rid, prompt, req.priority)
         inst = self.instances[idx]
         times = RequestTimes(arrival=t)
         try:
