@@ -283,6 +283,23 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, QuantRows& out) {
     }
 }
 
+// The integer block products leave out, for weight row n and activation row r: q4_1's mins (min_w * d_x *
+// sum(xq) per block), and with ``q8_offset`` the 128 that q8_0 weights were offset by (VNNI multiplies unsigned
+// weights). Added to s block by block.
+float add_block_offsets(float s, const Weights& w, const QuantRows& xq, int64_t n, int64_t r, bool q8_offset) {
+  const int64_t nb = w.nb;
+  const float* dx = xq.d.data() + r * nb;
+  const int32_t* xs = xq.sum.data() + r * nb;
+  if (w.kind == Kind::Q4_1) {
+    const float* mn = w.mins + n * nb;
+    for (int64_t b = 0; b < nb; ++b) s += mn[b] * dx[b] * static_cast<float>(xs[b]);
+  } else if (q8_offset) {
+    const float* dw = w.scales + n * nb;
+    for (int64_t b = 0; b < nb; ++b) s -= 128.f * dw[b] * dx[b] * static_cast<float>(xs[b]);
+  }
+  return s;
+}
+
 // 64 weights of blocks b and b+1 as unsigned bytes laid out like the activations: [b 0..15, b 16..31,
 // b+1 0..15, b+1 16..31].
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
@@ -328,14 +345,7 @@ void rows_vnni(const Weights& w, const QuantRows& xq, int64_t rows, int64_t n0, 
           dot += (static_cast<int>(reinterpret_cast<const int8_t*>(q)[b * kBlock + j]) + 128) * xr[b * kBlock + j];
         s += dw[b] * dx[b] * static_cast<float>(dot);
       }
-      const int32_t* xs = xq.sum.data() + r * nb;
-      if (w.kind == Kind::Q4_1) {
-        const float* mn = w.mins + n * nb;
-        for (int64_t b = 0; b < nb; ++b) s += mn[b] * dx[b] * static_cast<float>(xs[b]);
-      } else {
-        for (int64_t b = 0; b < nb; ++b) s -= 128.f * dw[b] * dx[b] * static_cast<float>(xs[b]);
-      }
-      y[r * ldy + n] = s;
+      y[r * ldy + n] = add_block_offsets(s, w, xq, n, r, /*q8_offset=*/true);
     }
   }
 }
@@ -459,13 +469,7 @@ void rows_int8_avx2(const Weights& w, const QuantRows& xq, int64_t rows, int64_t
         const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xs), ones);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw[b] * dx[b]), acc);
       }
-      float s = hsum256(acc);
-      if (w.kind == Kind::Q4_1) {
-        const float* mn = w.mins + n * nb;
-        const int32_t* xs = xq.sum.data() + r * nb;
-        for (int64_t b = 0; b < nb; ++b) s += mn[b] * dx[b] * static_cast<float>(xs[b]);
-      }
-      y[r * ldy + n] = s;
+      y[r * ldy + n] = add_block_offsets(hsum256(acc), w, xq, n, r, /*q8_offset=*/false);
     }
   }
 }
