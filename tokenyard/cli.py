@@ -144,14 +144,10 @@ def _serve(args: argparse.Namespace) -> int:
     # that a clean exit (status 0), since the shutdown it asked for has completed.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5, access_log=args.access_log)
-    def stop_engine_thread() -> None:
-        # A forced stop (a second signal) skips the app's lifespan exit, which stops the engine: stop it here,
-        # before the interpreter shuts down around a running engine thread (see AsyncEngine.stop_now).
-        if hasattr(async_engine, "stop_now"):
-            async_engine.stop_now()
-
+    # A forced stop (a second signal) skips the app's lifespan exit, which stops the engine: stop it on the way
+    # out as well, before the interpreter shuts down around a running engine thread (see AsyncEngine.stop_now).
     def exit_after_sigterm(*_: object) -> None:
-        stop_engine_thread()
+        async_engine.stop_now()
         if failed:   # the engine died during the drain: still a failure
             print(f"tokenyard: the engine loop failed ({failed[0]!r}); exiting", file=sys.stderr, flush=True)
         raise SystemExit(1 if failed else 0)
@@ -159,7 +155,7 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, exit_after_sigterm)
     server = Server(config)
     server.run()
-    stop_engine_thread()
+    async_engine.stop_now()
     if failed:  # the engine loop died: exit non-zero rather than answer 503 forever
         print(f"tokenyard: the engine loop failed ({failed[0]!r}); exiting", file=sys.stderr, flush=True)
         return 1

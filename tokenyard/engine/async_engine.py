@@ -148,6 +148,9 @@ class StreamingEngine:
         return (await self.add_requests([(prompt, params or SamplingParams())], priority=priority, tenant=tenant,
                                         request_ids=[request_id] if request_id else None, cache_salt=cache_salt))[0]
 
+    def stop_now(self, timeout: float = 10.0) -> None:
+        """A forced exit: stop whatever engine thread runs in this process, without draining (none here)."""
+
     async def generate(
         self,
         prompt: str | list[int],
