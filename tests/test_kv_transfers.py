@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tokenyard.kv.block_pool import BlockPool
 from tokenyard.kv.manager import KVCacheManager, to_segments
@@ -319,3 +323,43 @@ def test_a_forced_swap_out_does_not_jump_into_the_queue_mid_step():
     for _ in range(6):
         forced |= bool(step().wait_for)
     assert forced, "the scenario must force r2's in-flight swap-out"
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=st.lists(st.tuples(st.integers(1, 5), st.booleans(), st.booleans()), min_size=1, max_size=30),
+       after=st.one_of(st.none(), st.integers(0, 23)))
+def test_one_block_is_taken_where_the_run_search_would_take_it(ops, after):
+    """``allocate_one`` (a decode crossing a block boundary) chooses the block the general run search chooses for
+    one block, from any mix of clean, cached and taken blocks, and leaves the pool in the same state."""
+    pool = BlockPool(24)
+    held: list = []
+    for i, (n, cache, free) in enumerate(ops):   # random allocations, registrations and frees
+        if n <= pool.num_free_blocks:
+            got = pool.allocate(n, held[-1].block_id if held and i % 2 else None)
+            if cache:
+                pool.cache(got[0], f"h{i}".encode(), (b"", (i,)))
+            held.extend(got)
+        if free and held:
+            pool.free(held[: len(held) // 2][::-1])
+            del held[: len(held) // 2]
+    if not pool.num_free_blocks:
+        return
+    twin = copy.deepcopy(pool)
+    one = pool.allocate_one(after)
+    ran = twin._allocate_runs(1, after)
+    assert [one.block_id] == [b.block_id for b in ran]
+    assert (pool._free, pool._clean, list(pool._cached_free), sorted(pool._cached), pool.num_evictions) == \
+        (twin._free, twin._clean, list(twin._cached_free), sorted(twin._cached), twin.num_evictions)
+    pool.check()
+
+
+def test_one_block_evicts_the_least_recently_freed_cached_block_when_none_is_clean():
+    pool = BlockPool(3)
+    blocks = pool.allocate(3)
+    for i, b in enumerate(blocks):
+        pool.cache(b, f"h{i}".encode(), (b"", (i,)))
+    pool.free([blocks[1], blocks[2], blocks[0]])
+    twin = copy.deepcopy(pool)
+    assert pool.allocate_one(after=0).block_id == 1 == twin._allocate_runs(1, 0)[0].block_id   # 1 follows 0
+    assert pool.allocate_one().block_id == 2 and pool.num_evictions == 2   # no clean block: the oldest cached
+    pool.check()

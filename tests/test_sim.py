@@ -444,3 +444,38 @@ def test_a_span_right_after_a_swap_in_registers_its_blocks_when_stepping_would()
     (res, a), (_, b) = out[True], out[False]
     assert a == b
     assert res.span_steps > 0 and sum(i["preemptions"] for i in res.instances) > 0
+
+
+def _loop_ends(cm: CostModel, t: float, n: int, context: int, k: int, limit: float) -> list[float]:
+    out = []
+    while len(out) < k and t < limit:
+        t = t + cm.decode_time(n, context)
+        out.append(t)
+        context += n
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(model=st.sampled_from(["profile", "roofline", "roofline-70b", "vidur"]), t=st.floats(0.0, 1e5),
+       n=st.integers(1, 300), context=st.integers(1, 10**6), k=st.integers(1, 3000),
+       limit_steps=st.one_of(st.none(), st.floats(0.0, 4000.0)))
+def test_decode_span_times_as_arrays_are_the_loop_s_floats(model, t, n, context, k, limit_steps):
+    """A long span's step times come from NumPy arrays: bit for bit the floats of adding one step at a time."""
+    import tokenyard.sim.cost as cost_mod
+
+    if model == "profile":
+        cm = ProfiledCost(_profile_data(decode={"knots": [1, 8, 64, 256], "values": [0.0051, 0.0123, 0.031, 0.087],
+                                                "per_context_token": 1.37e-7}))
+    elif model == "vidur":
+        if not (vidur_dir / "compute").is_dir():
+            return   # the profiles are in ../shared, not in a clone
+        cm = load_cost_model("vidur:h100:llama-2-7b")
+    else:
+        cm = RooflineCost(MODELS["llama-2-70b" if model.endswith("70b") else "llama-2-7b"], DEVICES["h100"],
+                           num_kv_blocks=1000)
+    limit = float("inf") if limit_steps is None else t + limit_steps * cm.decode_time(n, context)
+    got = cm.decode_ends(t, n, context, k, limit)
+    assert got == _loop_ends(cm, t, n, context, k, limit)
+    assert all(type(x) is float for x in got)
+    if k >= cost_mod.ARRAY_SPAN:   # the array form is what ran
+        assert cm._decode_steps(n, cost_mod.np.arange(2)) is not None

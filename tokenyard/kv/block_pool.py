@@ -72,6 +72,11 @@ class BlockPool:
     def allocate(self, n: int, after: int | None = None) -> list[Block]:
         """Take ``n`` free blocks, as few runs as the free space allows (see the module docstring); ``after``:
         the block id the new ones should follow (a request's last block). Caller checks capacity first."""
+        if n == 1:
+            return [self.allocate_one(after)]
+        return self._allocate_runs(n, after)
+
+    def _allocate_runs(self, n: int, after: int | None) -> list[Block]:
         if n > self.num_free_blocks:
             raise RuntimeError(f"asked for {n} blocks, {self.num_free_blocks} free")
         ids: list[int] = []
@@ -122,7 +127,24 @@ class BlockPool:
             block.ref_cnt = 1
         return out
 
-    def _take(self, ids: range | list[int]) -> None:
+    def allocate_one(self, after: int | None = None) -> Block:
+        """``allocate(1, after)``'s choice without its run search (a decode crossing a block boundary): the block
+        right after ``after`` if free, else the first clean one, else the least recently freed cached one."""
+        i = -1 if after is None else after + 1
+        if 0 <= i < self.num_blocks and self._free[i]:
+            pass
+        elif self._num_clean:
+            i = self._clean.find(1)
+        elif self._cached_free:
+            i = next(iter(self._cached_free))
+        else:
+            raise RuntimeError("asked for 1 block, 0 free")
+        self._take((i,))
+        block = self.blocks[i]
+        block.ref_cnt = 1
+        return block
+
+    def _take(self, ids: range | list[int] | tuple[int, ...]) -> None:
         """Mark free blocks as handed out, evicting the hashes of cached ones."""
         for i in ids:
             self._free[i] = 0

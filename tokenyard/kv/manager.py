@@ -169,8 +169,16 @@ class KVCacheManager:
     ) -> bool:
         """Make the request hold blocks for its first ``num_tokens`` tokens. False (and no change) if full."""
         held = self.req_blocks.get(req_id)
-        if not new_computed and held is not None and num_tokens <= len(held) * self.block_size:
-            return True   # the common decode step: its blocks hold the next token already
+        if not new_computed and held is not None:
+            room = len(held) * self.block_size
+            if num_tokens <= room:
+                return True   # the common decode step: its blocks hold the next token already
+            if num_tokens <= room + self.block_size:   # a decode crossing a block boundary: one more block
+                if not self.pool.num_free_blocks:
+                    return False
+                self._ids.pop(req_id, None)
+                held.append(self.pool.allocate_one(self._after(held)))
+                return True
         n_new = self.num_blocks_needed(req_id, num_tokens, new_computed)
         if n_new > self.pool.num_free_if_touched(list(new_computed)):
             return False

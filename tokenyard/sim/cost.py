@@ -25,7 +25,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from tokenyard.sched.output import SchedulerOutput
+
+ARRAY_SPAN = 24   # spans of at least this many steps have their times computed as arrays
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,19 +78,35 @@ class CostModel(ABC):
 
     def decode_ends(self, t: float, num_seqs: int, context: int, k: int, limit: float) -> list[float]:
         """End times of up to ``k`` decode steps of ``num_seqs`` sequences from ``t`` (the context growing by
-        ``num_seqs`` a step), while a step starts before ``limit``: exactly ``t = t + decode_time(...)`` per step."""
+        ``num_seqs`` a step), while a step starts before ``limit``: exactly ``t = t + decode_time(...)`` per step.
+
+        Long spans take the models' array form of the same expression (NumPy's +, *, / and maximum round as
+        Python's float operations do, and ``add.accumulate`` adds left to right), so the floats are the loop's."""
+        if k >= ARRAY_SPAN:
+            steps = self._decode_steps(num_seqs, context + num_seqs * np.arange(k, dtype=np.int64))
+            if steps is not None:
+                steps[0] = t + steps[0]
+                ends = np.add.accumulate(steps)
+                # step i starts at t (i = 0) or at ends[i - 1]; keep the steps that start before the limit
+                n = 0 if t >= limit else 1 + int(np.searchsorted(ends[:-1], limit, side="left"))
+                return ends[:n].tolist()
         step = self._decode_step(num_seqs)
-        ends: list[float] = []
-        while len(ends) < k and t < limit:
+        out: list[float] = []
+        while len(out) < k and t < limit:
             t = t + step(context)
-            ends.append(t)
+            out.append(t)
             context += num_seqs
-        return ends
+        return out
 
     def _decode_step(self, num_seqs: int) -> Callable[[int], float]:
         """``decode_time(num_seqs, context)`` as a function of the context, with what depends only on
         ``num_seqs`` computed once (the same float operations, so the same values)."""
         return lambda context: self.decode_time(num_seqs, context)
+
+    def _decode_steps(self, num_seqs: int, contexts: np.ndarray) -> np.ndarray | None:
+        """``decode_time(num_seqs, c)`` for every context in the array, the same operations in the same order
+        (None: this model has no array form; the loop runs)."""
+        return None
 
     def step_time(self, s: StepShape) -> float:
         if s.num_seqs == 0:
@@ -189,6 +209,11 @@ class ProfiledCost(CostModel):
     def _decode_step(self, num_seqs: int) -> Callable[[int], float]:
         base, dc = self._interp(num_seqs, self.d_knots, self.d_vals), self.d_ctx   # decode_time's two terms
         return lambda context: base + dc * context
+
+    def _decode_steps(self, num_seqs: int, contexts: np.ndarray) -> np.ndarray:
+        out = contexts * self.d_ctx
+        out += self._interp(num_seqs, self.d_knots, self.d_vals)
+        return out
 
     def mixed_time(self, s: StepShape) -> float:
         m = self.m
@@ -308,6 +333,11 @@ class _FirstPrinciples(CostModel):
     def _decode_step(self, num_seqs: int) -> Callable[[int], float]:
         base, attn = self.decode_base(num_seqs), self.attention_time
         return lambda context: base + attn(context, context)
+
+    def _decode_steps(self, num_seqs: int, contexts: np.ndarray) -> np.ndarray:
+        out = np.maximum(contexts * self._attn_flop / self._peak, contexts * self._kv_byte / self._bw)
+        out += self.decode_base(num_seqs)
+        return out
 
     def describe(self) -> dict:
         return {**super().describe(), "model": asdict(self.model), "device": asdict(self.device), "mfu": self.mfu,
