@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -90,7 +91,8 @@ def workloads(draw):
     return specs
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=int(os.environ.get("TOKENYARD_SIM_EXAMPLES", "60")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(specs=workloads(), policy=st.sampled_from(["fcfs", "priority", "vtc", "vtc+priority"]),
        mode=st.sampled_from(["recompute", "swap-sync", "swap-overlap"]), blocks=st.integers(24, 80),
        budget=st.sampled_from([8, 16, 64]), seqs=st.sampled_from([2, 4, 16]), caching=st.booleans(),

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from tokenyard.invariants import require
 from tokenyard.kv.manager import KVCacheManager
+from tokenyard.sched.output import ScheduledChunk, SchedulerOutput
 from tokenyard.sched.request import Request, RequestStatus
 from tokenyard.sched.scheduler import Scheduler, SchedulerConfig, admission_tokens
 from tokenyard.sim.cost import CostModel, StepShape
@@ -213,27 +214,33 @@ class SimInstance:
         return s._blocks_short(head, room, hits) > 0
 
     def _span(self, limit: float) -> bool:
-        """Run the decode steps that repeat the last one, starting before ``limit``. False: none can run.
+        """Run the decode steps that repeat the last one, starting before ``limit``, up to and including the step
+        in which the first running request finishes. False: none can run.
 
         Only the steps where something happens are visited: a request's block allocation (its context reaching a
         block boundary, in the step's schedule) and prefix-cache registration (a block filled, in its update).
         Charges are applied in bulk between them: each tenant's counter gets the same additions, in the same
         order, as stepping makes (a tenant's additions are all alike), so VTC's ordering at the visited steps
-        and the counters after the span are exactly stepping's."""
+        and the counters after the span are exactly stepping's. The finishing step is the same decision again;
+        its update (tokens, registrations, finishes, freed blocks) is the scheduler's own ``update_from_output``
+        on that decision's chunks."""
         s, kv, bs = self.sched, self.kv, self.kv.block_size
         running = s.running
         n = len(running)
-        # Steps until the first finish (that step is a full one).
-        k_max = min(min(r.max_tokens - r.num_output_tokens,
+        # Steps up to the first finish, that one included.
+        k_fin = min(min(r.max_tokens - r.num_output_tokens,
                         (r.max_model_len - r.num_tokens) if r.max_model_len is not None else 1 << 62)
-                    for r in running) - 1
-        if k_max <= 0:
+                    for r in running)
+        if k_fin <= 0:
             self._steady = False
             return False
-        ends = self.cost.decode_ends(self.now, n, sum(r.num_computed_tokens + 1 for r in running), k_max, limit)
+        start = self.now
+        ends = self.cost.decode_ends(start, n, sum(r.num_computed_tokens + 1 for r in running), k_fin, limit)
         k = len(ends)
         if k == 0:
             return False
+        final = k == k_fin          # the span ends with the finishing step
+        kb = k - 1 if final else k   # the steps advanced in bulk (the finishing one goes through the update)
         static = self._static_order
         urgency = s.policy.urgency
         order = sorted(running, key=urgency) if static else running
@@ -242,22 +249,23 @@ class SimInstance:
         for r in order:
             by_phase.setdefault(comp[r.request_id] % bs, []).append(r)
         caching = kv.enable_prefix_caching
-        # The visited steps: j = -phase (mod bs) allocates, j = -phase - 1 (mod bs) registers.
-        events: set[int] = {0} if caching else set()
+        # The visited steps: j = -phase (mod bs) allocates, j = -phase - 1 (mod bs) registers (bulk steps only).
+        events: set[int] = {0} if caching and kb else set()
         for ph in by_phase:
             events.update(range((-ph) % bs, k, bs))
             if caching:
-                events.update(range((-ph - 1) % bs, k, bs))
+                events.update(range((-ph - 1) % bs, kb, bs))
         head = s.policy.peek() if len(s.policy) else None
         head_next_hash = self._head_next_hash(head) if head is not None else None
-        for r in running:   # the tokens the span samples, present before the registrations hash them
-            r.all_token_ids.extend([SAMPLED_TOKEN] * k)
+        for r in running:   # the tokens the bulk steps sample, present before the registrations hash them
+            r.all_token_ids.extend([SAMPLED_TOKEN] * kb)
         tenants: dict[str, int] = {}
         for r in running:
             tenants[r.tenant] = tenants.get(r.tenant, 0) + 1
         charged = 0   # steps charged so far
         snap: dict[str, float] = {}
-        done = k
+        done = kb
+        cut = False   # a shortage or the queue head's hash ended the span: the next step is a full one
         free = kv.pool.num_free_blocks
         for j in sorted(events):
             if not static:   # VTC orders by the counters as step j begins
@@ -268,7 +276,7 @@ class SimInstance:
             alloc = by_phase.get((-j) % bs, ())
             if alloc:
                 if len(alloc) > free:
-                    done = j
+                    done, final, cut = j, False, True
                     break
                 if not static:
                     alloc = sorted(alloc, key=urgency)
@@ -276,7 +284,7 @@ class SimInstance:
                     ok = kv.allocate_slots(r.request_id, comp[r.request_id] + j + 1)
                     require(ok, f"span: {r.request_id} could not get a block the span counted as free")
                 free = kv.pool.num_free_blocks
-            if caching:
+            if caching and j < kb:
                 # Step 0 registers for every request, as stepping's update does: one just swapped in or adopted
                 # has full blocks not registered yet (registered later, a block another copy left free to
                 # cache could be taken by it, and the pool would differ from stepping's).
@@ -287,38 +295,55 @@ class SimInstance:
                     for r in reg:
                         kv.cache_full_blocks(r.request_id, r.all_token_ids, comp[r.request_id] + j + 1, r.cache_salt)
                     if head_next_hash is not None and kv.pool.get_cached_block(head_next_hash) is not None:
-                        done = j + 1
+                        done, final, cut = j + 1, False, True
                         break
-        if done == 0:
+        if done == 0 and not final:
             for r in running:
-                del r.all_token_ids[len(r.all_token_ids) - k:]
+                del r.all_token_ids[len(r.all_token_ids) - kb:]
             self._steady = False
             return False
+        if done < kb:
+            for r in running:
+                del r.all_token_ids[len(r.all_token_ids) - (kb - done):]
+        if final:   # the finishing step's decision: every running request's decode, most urgent first
+            if not static:
+                if done > charged:
+                    snap = self._charge_steps(tenants, done - charged)
+                    charged = done
+                s.policy.begin_step()
+                order = sorted(running, key=urgency)
+            chunks = [ScheduledChunk(r.request_id, [SAMPLED_TOKEN], comp[r.request_id] + done,
+                                     kv.block_ids(r.request_id), True) for r in order]
+        steps = done + final
         # VTC's frozen counters after the span: each tenant's before the last step's charges (recorded before a
         # tenant's first charge in a step); the last step's charges are in already when a shortage ended the span.
-        before_last = snap if charged == done else self._charge_steps(tenants, done - charged)
+        before_last = snap if charged == steps else self._charge_steps(tenants, steps - charged)
         if not static and hasattr(s.policy, "_frozen"):
             s.policy.begin_step()
             s.policy._frozen.update(before_last)
-        if done < k:
+        if done:
             for r in running:
-                del r.all_token_ids[len(r.all_token_ids) - (k - done):]
-        for r in running:
-            r.num_computed_tokens += done
-            r.output_token_ids.extend([SAMPLED_TOKEN] * done)
-        if self.record_tokens:
-            seg = ends[:done]
-            for r in running:
-                self.times[r.request_id].token_times.extend(seg)
+                r.num_computed_tokens += done
+                r.output_token_ids.extend([SAMPLED_TOKEN] * done)
+            if self.record_tokens:
+                seg = ends[:done]
+                for r in running:
+                    self.times[r.request_id].token_times.extend(seg)
+        end = ends[steps - 1]
+        self.now = end
         st = self.stats
-        st.busy_s += ends[done - 1] - self.now
-        st.steps += done
-        st.span_steps += done
+        st.busy_s += end - start
+        st.steps += steps
+        st.span_steps += steps
         st.spans += 1
-        st.tokens += n * done
-        self.now = ends[done - 1]
-        if done < k:
-            self._steady = False   # the next step is a full one (a shortage or a head that may fit)
+        st.tokens += n * steps
+        if final:
+            touched = s.update_from_output(SchedulerOutput(chunks), {c.request_id: SAMPLED_TOKEN for c in chunks})
+            for req in touched:
+                self._emit(req, end)
+            self._steady = self.collapse and self._is_steady()
+        elif cut:
+            self._steady = False
         if self.check:
             s.check_invariants()
         return True
