@@ -77,7 +77,7 @@ def run_one(specs, instances: int, collapse: bool, tokens: bool, prefix: bool = 
            "simulated_s": res.duration_s}
     if prof:
         s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(15)
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
         out["top"] = s.getvalue()
     return out
 

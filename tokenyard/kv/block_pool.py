@@ -131,21 +131,33 @@ class BlockPool:
         """``allocate(1, after)``'s choice without its run search (a decode crossing a block boundary): the block
         right after ``after`` if free, else the first clean one, else the least recently freed cached one."""
         i = -1 if after is None else after + 1
-        if 0 <= i < self.num_blocks and self._free[i]:
-            pass
-        elif self._num_clean:
-            i = self._clean.find(1)
-        elif self._cached_free:
-            i = next(iter(self._cached_free))
+        clean = self._clean
+        if not (0 <= i < self.num_blocks and self._free[i]):
+            if self._num_clean:
+                i = clean.find(1)
+            elif self._cached_free:
+                i = next(iter(self._cached_free))
+            else:
+                raise RuntimeError("asked for 1 block, 0 free")
+        if clean[i]:   # _take, for one block
+            self._free[i] = clean[i] = 0
+            self._num_clean -= 1
         else:
-            raise RuntimeError("asked for 1 block, 0 free")
-        self._take((i,))
+            self._take((i,))
         block = self.blocks[i]
         block.ref_cnt = 1
         return block
 
     def _take(self, ids: range | list[int] | tuple[int, ...]) -> None:
         """Mark free blocks as handed out, evicting the hashes of cached ones."""
+        if type(ids) is range and ids.step == 1 and len(ids) > 1:
+            a, b = ids.start, ids.stop
+            if self._clean.count(1, a, b) == b - a:   # a clean run (the common case): marked at once
+                zeros = bytes(b - a)
+                self._free[a:b] = zeros
+                self._clean[a:b] = zeros
+                self._num_clean -= b - a
+                return
         for i in ids:
             self._free[i] = 0
             if self._clean[i]:
@@ -174,17 +186,22 @@ class BlockPool:
 
     def free(self, blocks: list[Block]) -> None:
         """Drop one reference on each block. Pass tail-first so the tail of a sequence is evicted first."""
+        free, clean, cached_free = self._free, self._clean, self._cached_free
         for block in blocks:
-            if block.ref_cnt <= 0:
-                raise RuntimeError(f"double free of block {block.block_id}")
-            block.ref_cnt -= 1
-            if block.ref_cnt == 0:
-                self._free[block.block_id] = 1
+            ref = block.ref_cnt
+            if ref == 1:
+                block.ref_cnt = 0
+                i = block.block_id
+                free[i] = 1
                 if block.block_hash is None:
-                    self._clean[block.block_id] = 1
+                    clean[i] = 1
                     self._num_clean += 1
                 else:
-                    self._cached_free[block.block_id] = None
+                    cached_free[i] = None
+            elif ref > 1:
+                block.ref_cnt = ref - 1
+            else:
+                raise RuntimeError(f"double free of block {block.block_id}")
 
     def cache(self, block: Block, block_hash: bytes, content: tuple[bytes, tuple[int, ...]]) -> None:
         """Register a full block under its chained hash (the first block with a hash keeps it)."""

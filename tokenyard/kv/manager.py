@@ -176,8 +176,7 @@ class KVCacheManager:
             if num_tokens <= room + self.block_size:   # a decode crossing a block boundary: one more block
                 if not self.pool.num_free_blocks:
                     return False
-                self._ids.pop(req_id, None)
-                held.append(self.pool.allocate_one(self._after(held)))
+                self.append_block(req_id)
                 return True
         n_new = self.num_blocks_needed(req_id, num_tokens, new_computed)
         if n_new > self.pool.num_free_if_touched(list(new_computed)):
@@ -191,6 +190,13 @@ class KVCacheManager:
         if n_new:
             blocks.extend(self.pool.allocate(n_new, self._after(blocks)))
         return True
+
+    def append_block(self, req_id: str) -> None:
+        """One more block at the end of the request's blocks (a decode crossing a block boundary). The caller
+        made sure a block is free."""
+        held = self.req_blocks[req_id]
+        self._ids.pop(req_id, None)
+        held.append(self.pool.allocate_one(held[-1].block_id if held and self.block_groups else None))
 
     def _after(self, blocks: list[Block]) -> int | None:
         return blocks[-1].block_id if blocks and self.block_groups else None

@@ -30,6 +30,7 @@ import numpy as np
 from tokenyard.sched.output import SchedulerOutput
 
 ARRAY_SPAN = 24   # spans of at least this many steps have their times computed as arrays
+INF = float("inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,21 +82,33 @@ class CostModel(ABC):
         ``num_seqs`` a step), while a step starts before ``limit``: exactly ``t = t + decode_time(...)`` per step.
 
         Long spans take the models' array form of the same expression (NumPy's +, *, / and maximum round as
-        Python's float operations do, and ``add.accumulate`` adds left to right), so the floats are the loop's."""
-        if k >= ARRAY_SPAN:
-            steps = self._decode_steps(num_seqs, context + num_seqs * np.arange(k, dtype=np.int64))
-            if steps is not None:
-                steps[0] = t + steps[0]
-                ends = np.add.accumulate(steps)
-                # step i starts at t (i = 0) or at ends[i - 1]; keep the steps that start before the limit
-                n = 0 if t >= limit else 1 + int(np.searchsorted(ends[:-1], limit, side="left"))
-                return ends[:n].tolist()
-        step = self._decode_step(num_seqs)
+        Python's float operations do, and ``add.accumulate`` adds left to right), so the floats are the loop's;
+        computed in pieces sized by how many steps fit before ``limit`` (a step takes at least the first one's
+        time: no step gets shorter as the context grows)."""
         out: list[float] = []
+        step = self._decode_step(num_seqs)
         while len(out) < k and t < limit:
-            t = t + step(context)
-            out.append(t)
-            context += num_seqs
+            left = k - len(out)
+            if left >= ARRAY_SPAN and limit != INF:
+                left = min(left, max(ARRAY_SPAN, int((limit - t) / step(context)) + 2))
+            steps = None
+            if left >= ARRAY_SPAN:
+                steps = self._decode_steps(num_seqs, context + num_seqs * np.arange(left, dtype=np.int64))
+            if steps is None:   # one at a time
+                while len(out) < k and t < limit:
+                    t = t + step(context)
+                    out.append(t)
+                    context += num_seqs
+                break
+            steps[0] = t + steps[0]
+            ends = np.add.accumulate(steps, out=steps)
+            # step i starts at t (i = 0) or at ends[i - 1]: keep the steps that start before the limit
+            m = 1 + int(np.searchsorted(ends[:-1], limit, side="left"))
+            out.extend(ends[:m].tolist())
+            t = out[-1]
+            context += num_seqs * m
+            if m < left:
+                break
         return out
 
     def _decode_step(self, num_seqs: int) -> Callable[[int], float]:

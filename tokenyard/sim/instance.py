@@ -26,12 +26,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tokenyard.invariants import require
+import numpy as np
+
 from tokenyard.kv.manager import KVCacheManager
 from tokenyard.sched.output import ScheduledChunk, SchedulerOutput
 from tokenyard.sched.request import Request, RequestStatus
 from tokenyard.sched.scheduler import Scheduler, SchedulerConfig, admission_tokens
 from tokenyard.sim.cost import CostModel, StepShape
+
+REPEAT_ADD_ARRAY = 64   # from this many additions on, ``repeat_add`` adds with NumPy
 
 SAMPLED_TOKEN = 1   # every simulated output token (no request has stop tokens: lengths are max_tokens)
 
@@ -280,10 +283,9 @@ class SimInstance:
                     break
                 if not static:
                     alloc = sorted(alloc, key=urgency)
-                for r in alloc:
-                    ok = kv.allocate_slots(r.request_id, comp[r.request_id] + j + 1)
-                    require(ok, f"span: {r.request_id} could not get a block the span counted as free")
-                free = kv.pool.num_free_blocks
+                for r in alloc:   # each crosses a block boundary: one block, counted free above
+                    kv.append_block(r.request_id)
+                free -= len(alloc)
             if caching and j < kb:
                 # Step 0 registers for every request, as stepping's update does: one just swapped in or adopted
                 # has full blocks not registered yet (registered later, a block another copy left free to
@@ -349,27 +351,17 @@ class SimInstance:
         return True
 
     def _charge_steps(self, tenants: dict[str, int], steps: int) -> dict[str, float]:
-        """Charge ``steps`` (>= 1) decode steps; returns the tenants' counters as they were before the last one."""
-        self._charge(tenants, steps - 1)
-        before_last = {t: self.sched.ledger.counter[t] for t in tenants}
-        self._charge(tenants, 1)
-        return before_last
-
-    def _charge(self, tenants: dict[str, int], steps: int) -> None:
-        """``steps`` decode steps' charges, as ``ServiceLedger.charge`` makes them: per tenant, one addition per
-        request per step (repeated additions, not a product: the floats must come out as stepping's)."""
-        if steps <= 0:
-            return
+        """Charge ``steps`` (>= 1) decode steps, as ``ServiceLedger.charge`` makes them: per tenant, one addition
+        per request per step (repeated additions, not a product: the floats must come out as stepping's).
+        Returns the tenants' counters as they were before the last step's charges."""
         ledger = self.sched.ledger
         w_q = ledger.w_q
         service, counter, weights = ledger.service, ledger.counter, ledger.tenant_weights
+        before_last: dict[str, float] = {}
         for t, m in tenants.items():
-            c = w_q / weights.get(t, 1.0)
-            sv, ct = service[t], counter[t]
-            for _ in range(steps * m):
-                sv += w_q
-                ct += c
-            service[t], counter[t] = sv, ct
+            service[t] = repeat_add(service[t], w_q, steps * m)[1]
+            before_last[t], counter[t] = repeat_add(counter[t], w_q / weights.get(t, 1.0), steps * m, m)
+        return before_last
 
     def _head_next_hash(self, head: Request):
         """The hash of the first block of the queue head's prompt that is not in the prefix cache: a span that
@@ -384,3 +376,20 @@ class SimInstance:
             return None
         return hashes[i]
 
+
+
+def repeat_add(x: float, c: float, times: int, last: int = 0) -> tuple[float, float]:
+    """``x`` after ``times - last`` and after ``times`` additions of ``c``, one at a time (not ``x + times * c``:
+    the floats must be stepping's). Many additions run as ``np.add.accumulate``, which adds left to right: the
+    same floats."""
+    if times < REPEAT_ADD_ARRAY:
+        for _ in range(times - last):
+            x += c
+        before = x
+        for _ in range(last):
+            x += c
+        return before, x
+    a = np.full(times + 1, c)
+    a[0] = x
+    np.add.accumulate(a, out=a)
+    return float(a[times - last]), float(a[times])
