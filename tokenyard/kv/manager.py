@@ -195,8 +195,11 @@ class KVCacheManager:
         """One more block at the end of the request's blocks (a decode crossing a block boundary). The caller
         made sure a block is free."""
         held = self.req_blocks[req_id]
-        self._ids.pop(req_id, None)
-        held.append(self.pool.allocate_one(held[-1].block_id if held and self.block_groups else None))
+        block = self.pool.allocate_one(held[-1].block_id if held and self.block_groups else None)
+        held.append(block)
+        ids = self._ids.get(req_id)
+        if ids is not None:   # a new list (chunks of earlier steps may hold the old one)
+            self._ids[req_id] = [*ids, block.block_id]
 
     def _after(self, blocks: list[Block]) -> int | None:
         return blocks[-1].block_id if blocks and self.block_groups else None

@@ -27,6 +27,10 @@ class Charge(NamedTuple):
     prompt_before: int  # the request's charged prompt tokens before this charge
 
 
+# What a decode's charge returns: ``w_q`` to its request's tenant, the prompt charged already (the common case
+# needs no object of its own; ``refund`` knows what it stands for).
+DECODE_CHARGE = Charge("", 0.0, -1)
+
 EVICTED = "(evicted)"   # tenant_stats() key for the summed service of tenants forgotten while idle
 
 
@@ -106,14 +110,18 @@ class ServiceLedger:
             self.ensure(tenant)
         self.service[tenant] += cost
         self.counter[tenant] += cost / self.tenant_weights.get(tenant, 1.0)
-        return Charge(tenant, cost, before)
+        return DECODE_CHARGE if new_prompt <= 0 else Charge(tenant, cost, before)
 
     def refund(self, req: Request, charge: Charge | None) -> None:
         if charge is None:
             return
-        self._prompt_charged[req.request_id] = charge.prompt_before
-        self.service[charge.tenant] -= charge.cost
-        self.counter[charge.tenant] -= charge.cost / self.weight(charge.tenant)
+        if charge is DECODE_CHARGE:
+            tenant, cost = req.tenant, self.w_q
+        else:
+            tenant, cost = charge.tenant, charge.cost
+            self._prompt_charged[req.request_id] = charge.prompt_before
+        self.service[tenant] -= cost
+        self.counter[tenant] -= cost / self.weight(tenant)
 
     def lift(self, tenant: str, floor: float) -> None:
         """VTC: raise an idle tenant's counter so it earns no credit for having been idle."""

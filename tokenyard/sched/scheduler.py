@@ -398,13 +398,8 @@ class Scheduler:
     def _add_chunk(self, st: _Step, req: Request, n: int) -> None:
         start = req.num_computed_tokens
         sample = start + n == req.num_tokens
-        chunk = ScheduledChunk(
-            request_id=req.request_id,
-            token_ids=req.all_token_ids[start:start + n],
-            start_pos=start,
-            block_ids=self.kv.block_ids(req.request_id),
-            sample=sample,
-        )
+        chunk = ScheduledChunk(req.request_id, req.all_token_ids[start:start + n], start,
+                               self.kv.block_ids(req.request_id), sample)
         st.out.chunks.append(chunk)
         st.budget -= n
         st.scheduled[req.request_id] = (chunk, self.policy.charge(req, start, n, sample))
