@@ -85,8 +85,9 @@ class BlockPool:
             i = after + 1
             end = free.find(0, i) if i < self.num_blocks else i
             end = self.num_blocks if end < 0 else end
-            ids.extend(range(i, min(end, i + n)))
-            self._take(ids)
+            run = range(i, min(end, i + n))
+            self._take(run)
+            ids.extend(run)
         need = n - len(ids)
         if need > 1:
             start = clean.find(b"\x01" * need)
@@ -122,7 +123,11 @@ class BlockPool:
             self._take(run)
             ids.extend(run)
             need -= take
-        out = [self.blocks[i] for i in ids]
+        blocks = self.blocks
+        if ids and ids[-1] - ids[0] == n - 1 and ids == list(range(ids[0], ids[0] + n)):
+            out = blocks[ids[0]:ids[0] + n]   # one run: a slice
+        else:
+            out = [blocks[i] for i in ids]
         for block in out:
             block.ref_cnt = 1
         return out

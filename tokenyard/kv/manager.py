@@ -182,13 +182,15 @@ class KVCacheManager:
         if n_new > self.pool.num_free_if_touched(list(new_computed)):
             return False
         blocks = self.req_blocks.setdefault(req_id, [])
-        if new_computed or n_new:
-            self._ids.pop(req_id, None)
+        ids = self._ids.pop(req_id, None) if new_computed or n_new else None
         if new_computed:
             self.pool.touch(list(new_computed))
             blocks.extend(new_computed)
         if n_new:
-            blocks.extend(self.pool.allocate(n_new, self._after(blocks)))
+            new = self.pool.allocate(n_new, self._after(blocks))
+            blocks.extend(new)
+            if ids is not None and not new_computed:   # a new list (chunks of earlier steps may hold the old one)
+                self._ids[req_id] = ids + [b.block_id for b in new]
         return True
 
     def append_block(self, req_id: str) -> None:

@@ -34,7 +34,7 @@ from tokenyard.sched.request import Request, RequestStatus
 from tokenyard.sched.scheduler import Scheduler, SchedulerConfig, admission_tokens
 from tokenyard.sim.cost import CostModel, StepShape
 
-REPEAT_ADD_ARRAY = 64   # from this many additions on, ``repeat_add`` adds with NumPy
+REPEAT_ADD_ARRAY = 200   # from this many additions on, ``repeat_add`` adds with NumPy (faster from ~200)
 
 SAMPLED_TOKEN = 1   # every simulated output token (no request has stop tokens: lengths are max_tokens)
 
