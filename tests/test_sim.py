@@ -480,16 +480,22 @@ def test_decode_span_times_as_arrays_are_the_loop_s_floats(model, t, n, context,
     assert got == _loop_ends(cm, t, n, context, k, limit)
     assert all(type(x) is float for x in got)
     if k >= cost_mod.ARRAY_SPAN:   # the array form is what ran
-        assert cm._decode_steps(n, cost_mod.np.arange(2)) is not None
+        assert cm._decode_steps(n, cost_mod.np.arange(2.0)) is not None
 
 
 @settings(max_examples=200, deadline=None)
-@given(x=st.floats(-1e6, 1e6), c=st.floats(1e-9, 10.0), times=st.integers(0, 500), last=st.integers(0, 8))
+@given(x=st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=3), c=st.floats(1e-9, 10.0),
+       times=st.integers(0, 500), last=st.integers(0, 8))
 def test_repeated_additions_with_numpy_are_the_loop_s_floats(x, c, times, last):
     from tokenyard.sim.instance import repeat_add
 
     last = min(last, times)
-    want = [x]
-    for _ in range(times):
-        want.append(want[-1] + c)
-    assert repeat_add(x, c, times, last) == (want[times - last], want[times])
+    cs = [c * (i + 1) for i in range(len(x))]
+    before, after = [], []
+    for x0, c0 in zip(x, cs):
+        want = [x0]
+        for _ in range(times):
+            want.append(want[-1] + c0)
+        before.append(want[times - last])
+        after.append(want[times])
+    assert repeat_add(tuple(x), tuple(cs), times, last) == (tuple(before), tuple(after))

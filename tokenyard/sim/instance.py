@@ -359,8 +359,8 @@ class SimInstance:
         service, counter, weights = ledger.service, ledger.counter, ledger.tenant_weights
         before_last: dict[str, float] = {}
         for t, m in tenants.items():
-            service[t] = repeat_add(service[t], w_q, steps * m)[1]
-            before_last[t], counter[t] = repeat_add(counter[t], w_q / weights.get(t, 1.0), steps * m, m)
+            (_, before_last[t]), (service[t], counter[t]) = repeat_add(
+                (service[t], counter[t]), (w_q, w_q / weights.get(t, 1.0)), steps * m, m)
         return before_last
 
     def _head_next_hash(self, head: Request):
@@ -378,18 +378,23 @@ class SimInstance:
 
 
 
-def repeat_add(x: float, c: float, times: int, last: int = 0) -> tuple[float, float]:
-    """``x`` after ``times - last`` and after ``times`` additions of ``c``, one at a time (not ``x + times * c``:
-    the floats must be stepping's). Many additions run as ``np.add.accumulate``, which adds left to right: the
-    same floats."""
+def repeat_add(xs: tuple[float, ...], cs: tuple[float, ...], times: int, last: int = 0
+               ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Each ``xs[i]`` after ``times - last`` and after ``times`` additions of ``cs[i]``, one at a time (not
+    ``x + times * c``: the floats must be stepping's). Many additions run as ``np.add.accumulate`` along each
+    row, which adds left to right: the same floats."""
     if times < REPEAT_ADD_ARRAY:
-        for _ in range(times - last):
-            x += c
-        before = x
-        for _ in range(last):
-            x += c
-        return before, x
-    a = np.full(times + 1, c)
-    a[0] = x
-    np.add.accumulate(a, out=a)
-    return float(a[times - last]), float(a[times])
+        before, after = [], []
+        for x, c in zip(xs, cs):
+            for _ in range(times - last):
+                x += c
+            before.append(x)
+            for _ in range(last):
+                x += c
+            after.append(x)
+        return tuple(before), tuple(after)
+    a = np.empty((len(xs), times + 1))
+    a[:, 0] = xs
+    a[:, 1:] = np.array(cs)[:, None]
+    np.add.accumulate(a, axis=1, out=a)
+    return tuple(a[:, times - last].tolist()), tuple(a[:, times].tolist())
