@@ -10,10 +10,11 @@ nothing queued that could start, the following steps are the same decision again
 Those steps are run as one span: their times summed step by step with the very expression a step uses, then the
 requests advanced in bulk, with the few block allocations and prefix-cache registrations they make replayed in
 step order, so the state after the span is the state stepping reaches (``tests/test_sim.py`` checks it on
-random workloads). A span ends before:
+random workloads). A span runs up to and including the step in which the first request finishes (max_tokens or
+the context window; sampled tokens are never stop tokens): that step is the same decision too, and its update
+is the scheduler's own ``update_from_output``. It ends earlier, before:
 
 - an arrival (the caller bounds it in time) or a migration touching this instance;
-- a finish (a request reaching max_tokens or the context window; sampled tokens are never stop tokens);
 - a block shortage (a step whose allocations exceed the free blocks);
 - a queue head that could start: a span with a queued head only runs under ``fcfs`` / ``priority`` (whose head
   does not change), when the head did not fit, may preempt no running request, has no prefix hit a new block
