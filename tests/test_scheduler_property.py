@@ -44,9 +44,9 @@ def workloads(draw):
     )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(workloads())
-def test_random_workloads_keep_invariants_and_finish(w):
+def _drive(w: dict, decisions: list | None = None, all_decodes_at_once: bool = True):
+    """Run workload ``w`` to the end, checking the invariants after every step; ``decisions`` collects every
+    step's output. ``all_decodes_at_once=False`` turns the scheduler's fast decode path off."""
     rng = random.Random(w["seed"])
     kv = KVCacheManager(w["num_blocks"], w["block_size"], w["host_blocks"], w["caching"])
     sched = Scheduler(
@@ -54,6 +54,8 @@ def test_random_workloads_keep_invariants_and_finish(w):
                         scheduling_policy=w["policy"], preemption_mode=w["mode"], swap_overlap=w["overlap"]),
         kv,
     )
+    if not all_decodes_at_once:
+        sched._schedule_decodes = lambda st, decodes: False
     in_flight: list[int] = []
     shared_prefix = [_fake_token(rng) for _ in range(64)]
     pending = sorted(enumerate(w["reqs"]), key=lambda x: x[1]["arrive"])
@@ -74,6 +76,10 @@ def test_random_workloads_keep_invariants_and_finish(w):
                 sched.abort_requests([rid])
         out = sched.schedule()
         sched.check_output(out)
+        if decisions is not None:
+            decisions.append(([(c.request_id, c.start_pos, tuple(c.token_ids), tuple(c.block_ids), c.sample)
+                               for c in out.chunks], list(out.preempted), list(out.finished), list(out.wait_for),
+                              [(t.request_id, t.to_host, tuple(t.segments), t.blocking) for t in out.transfers]))
         sampled = {c.request_id: _fake_token(rng) for c in out.chunks if c.sample}
         # Overlapped transfers land one to three steps later, in any order.
         in_flight += [t.transfer_id for t in out.transfers if not t.blocking]
@@ -87,6 +93,13 @@ def test_random_workloads_keep_invariants_and_finish(w):
                 del live[rid]
         step += 1
         assert step < 5000, "scheduler made no progress"
+    return sched, kv, finished
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads())
+def test_random_workloads_keep_invariants_and_finish(w):
+    sched, kv, finished = _drive(w)
     event(f"preempted: {sched.num_preemptions > 0}")
     event(f"swapped: {kv.host_pool.num_blocks > 0 and w['mode'] == 'swap' and sched.num_preemptions > 0}")
     event(f"prefix hits: {kv.prefix_hits > 0}")
@@ -99,6 +112,38 @@ def test_random_workloads_keep_invariants_and_finish(w):
             assert status is RequestStatus.FINISHED_ABORTED, (rid, status, req_spec)
     assert kv.num_used_blocks == 0
     assert kv.host_pool.num_free_blocks == w["host_blocks"]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads())
+def test_all_decodes_at_once_decide_what_one_at_a_time_decides(w):
+    """The fast decode path (every decode at once when none can fall short) makes the general path's decisions:
+    the same chunks, block ids, preemptions and transfers at every step, the same ledger."""
+    fast: list = []
+    sched, _, finished = _drive(w, fast)
+    general: list = []
+    sched_g, _, finished_g = _drive(w, general, all_decodes_at_once=False)
+    assert fast == general
+    assert finished == finished_g
+    assert sched.ledger.tenant_stats() == sched_g.ledger.tenant_stats()
+    event(f"preempted: {sched.num_preemptions > 0}")
+
+
+def test_the_fast_decode_path_is_taken_and_falls_back_when_blocks_run_short():
+    kv = KVCacheManager(4, 2, 0, False)   # 8 tokens of KV: two 3-token prompts, then one block left each
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=16, preemption_mode="recompute"), kv)
+    calls = []
+    real = sched._schedule_decodes
+    sched._schedule_decodes = lambda st, decodes: calls.append(real(st, decodes)) or calls[-1]
+    for i in range(2):
+        sched.add_request(Request(f"r{i}", [3, 4, 5], 5, arrival_time=float(i)))
+    for _ in range(4):
+        out = sched.schedule()
+        sched.update_from_output(out, {c.request_id: 7 for c in out.chunks if c.sample})
+        sched.check_invariants()
+    # step 1: prefills (no decodes: the fast path has nothing to do); then the two decode at once in the four
+    # blocks; at their fifth token each needs a block with none free: the general path preempts one
+    assert calls[:3] == [True, True, False] and sched.num_preemptions == 1
 
 
 def test_decodes_are_scheduled_before_prefill_chunks():

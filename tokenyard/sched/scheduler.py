@@ -214,8 +214,10 @@ class Scheduler:
         key = self.policy.urgency
 
         # 1. Decodes, most urgent first.
-        for req in sorted((r for r in self.running if not r.is_prefilling), key=key):
-            self._schedule_running(st, req)
+        decodes = sorted((r for r in self.running if not r.is_prefilling), key=key)
+        if not self._schedule_decodes(st, decodes):
+            for req in decodes:
+                self._schedule_running(st, req)
 
         # 2. Prefill work: running partial prefills and queued requests, merged by urgency.
         prefills = sorted((r for r in self.running if r.is_prefilling), key=key)
@@ -281,6 +283,30 @@ class Scheduler:
         else:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+
+    def _schedule_decodes(self, st: _Step, decodes: list[Request]) -> bool:
+        """Every decode its token at once where none can fall short: the budget covers them all and the free
+        blocks cover every one that crosses into a new block, so one at a time (``_schedule_running``) would give
+        each its token in this order and preempt nobody. False: nothing done (the general path decides)."""
+        if len(decodes) > st.budget:
+            return False
+        kv = self.kv
+        bs, held = kv.block_size, kv.req_blocks
+        crossing = 0
+        for r in decodes:
+            computed = r.num_computed_tokens
+            blocks = held.get(r.request_id)
+            if blocks is None or len(r.all_token_ids) - computed != 1:
+                return False
+            if computed >= len(blocks) * bs:   # its next token starts a block
+                crossing += 1
+        if crossing > kv.pool.num_free_blocks:
+            return False
+        for r in decodes:
+            if crossing and r.num_computed_tokens >= len(held[r.request_id]) * bs:
+                kv.append_block(r.request_id)
+            self._add_chunk(st, r, 1)
+        return True
 
     def _schedule_running(self, st: _Step, req: Request) -> None:
         """Give a running request its next chunk, preempting the least urgent running request for blocks."""
