@@ -198,6 +198,7 @@ class ProfiledCost(CostModel):
         self.d_knots = [float(x) for x in d["knots"]]
         self.d_vals = [float(x) for x in d["values"]]
         self.d_ctx = float(d["per_context_token"])
+        self._bases: dict[int, float] = {}
         self.m_knots = [float(x) for x in m["knots"]]
         self.m_vals = [float(x) for x in m["values"]]
         self.m = [float(m[k]) for k in MIXED_TERMS]
@@ -218,16 +219,23 @@ class ProfiledCost(CostModel):
         k0 = knots[i]
         return vals[i] + (vals[i + 1] - vals[i]) * (x - k0) / (knots[i + 1] - k0)
 
+    def _base(self, num_seqs: int) -> float:
+        """The decode model's function of the batch size, kept per size (the same float either way)."""
+        base = self._bases.get(num_seqs)
+        if base is None:
+            base = self._bases[num_seqs] = self._interp(num_seqs, self.d_knots, self.d_vals)
+        return base
+
     def decode_time(self, num_seqs: int, context: int) -> float:
-        return self._interp(num_seqs, self.d_knots, self.d_vals) + self.d_ctx * context
+        return self._base(num_seqs) + self.d_ctx * context
 
     def _decode_step(self, num_seqs: int) -> Callable[[int], float]:
-        base, dc = self._interp(num_seqs, self.d_knots, self.d_vals), self.d_ctx   # decode_time's two terms
+        base, dc = self._base(num_seqs), self.d_ctx   # decode_time's two terms
         return lambda context: base + dc * context
 
     def _decode_steps(self, num_seqs: int, contexts: np.ndarray) -> np.ndarray:
         contexts *= self.d_ctx
-        contexts += self._interp(num_seqs, self.d_knots, self.d_vals)
+        contexts += self._base(num_seqs)
         return contexts
 
     def mixed_time(self, s: StepShape) -> float:
@@ -333,6 +341,7 @@ class _FirstPrinciples(CostModel):
         self._kv_byte = float(m.kv_bytes_per_token)                          # per key read
         self._peak = device.flops * mfu
         self._bw = device.mem_bw * mbu
+        self._bases: dict[int, float] = {}
 
     def attention_time(self, pairs: float, keys: float) -> float:
         return max(pairs * self._attn_flop / self._peak, keys * self._kv_byte / self._bw)
@@ -341,12 +350,19 @@ class _FirstPrinciples(CostModel):
         """A decode step's time apart from attention."""
         raise NotImplementedError
 
+    def _base(self, num_seqs: int) -> float:
+        """``decode_base``, kept per batch size (the models are fixed once built; the same float either way)."""
+        base = self._bases.get(num_seqs)
+        if base is None:
+            base = self._bases[num_seqs] = self.decode_base(num_seqs)
+        return base
+
     def decode_time(self, num_seqs: int, context: int) -> float:
         # each decode query reads its context: query-key pairs = keys = context
-        return self.decode_base(num_seqs) + self.attention_time(context, context)
+        return self._base(num_seqs) + self.attention_time(context, context)
 
     def _decode_step(self, num_seqs: int) -> Callable[[int], float]:
-        base, attn = self.decode_base(num_seqs), self.attention_time
+        base, attn = self._base(num_seqs), self.attention_time
         return lambda context: base + attn(context, context)
 
     def _decode_steps(self, num_seqs: int, contexts: np.ndarray) -> np.ndarray:
@@ -355,7 +371,7 @@ class _FirstPrinciples(CostModel):
         contexts *= self._kv_byte
         contexts /= self._bw
         np.maximum(flops, contexts, out=flops)
-        flops += self.decode_base(num_seqs)
+        flops += self._base(num_seqs)
         return flops
 
     def describe(self) -> dict:
