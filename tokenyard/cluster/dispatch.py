@@ -60,10 +60,14 @@ class RoundRobin(DispatchPolicy):
     def __init__(self, priority_headroom: int = 0) -> None:
         super().__init__(priority_headroom)
         self._turn = itertools.count()
+        self._ids: list[str] = []       # the instances last seen, and in id order
+        self._ordered: list[str] = []
 
     def _choose(self, loads: Sequence[InstanceLoad], req: DispatchInfo) -> str:
-        ordered = sorted(loads, key=lambda x: x.instance_id)
-        return ordered[next(self._turn) % len(ordered)].instance_id
+        ids = [x.instance_id for x in loads]
+        if ids != self._ids:   # sorted again only when the instances change
+            self._ids, self._ordered = ids, sorted(ids)
+        return self._ordered[next(self._turn) % len(ids)]
 
 
 class LeastLoaded(DispatchPolicy):

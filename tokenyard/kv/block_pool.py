@@ -192,21 +192,25 @@ class BlockPool:
     def free(self, blocks: list[Block]) -> None:
         """Drop one reference on each block. Pass tail-first so the tail of a sequence is evicted first."""
         free, clean, cached_free = self._free, self._clean, self._cached_free
-        for block in blocks:
-            ref = block.ref_cnt
-            if ref == 1:
-                block.ref_cnt = 0
-                i = block.block_id
-                free[i] = 1
-                if block.block_hash is None:
-                    clean[i] = 1
-                    self._num_clean += 1
+        cleaned = 0
+        try:
+            for block in blocks:
+                ref = block.ref_cnt
+                if ref == 1:
+                    block.ref_cnt = 0
+                    i = block.block_id
+                    free[i] = 1
+                    if block.block_hash is None:
+                        clean[i] = 1
+                        cleaned += 1
+                    else:
+                        cached_free[i] = None
+                elif ref > 1:
+                    block.ref_cnt = ref - 1
                 else:
-                    cached_free[i] = None
-            elif ref > 1:
-                block.ref_cnt = ref - 1
-            else:
-                raise RuntimeError(f"double free of block {block.block_id}")
+                    raise RuntimeError(f"double free of block {block.block_id}")
+        finally:
+            self._num_clean += cleaned
 
     def cache(self, block: Block, block_hash: bytes, content: tuple[bytes, tuple[int, ...]]) -> None:
         """Register a full block under its chained hash (the first block with a hash keeps it)."""

@@ -227,20 +227,24 @@ class Simulator:
         most decode spans were cut short by arrivals elsewhere)."""
         self._routed = {}
         self._due = [deque() for _ in self.instances]
+        lite = self._lite()   # no instance starts or drains in such a run
         for t, _, ci, turn in sorted(self._arrivals):
             spec = self._chains[ci][turn]
             if spec.input_len + spec.output_len > self.config.max_model_len:
                 continue   # refused at arrival, before dispatch
-            idx = self._choose(f"r{spec.index}", self._new_tokens(spec), spec.priority or 0)
+            idx = self._choose(f"r{spec.index}", self._new_tokens(spec), spec.priority or 0, lite)
             self._routed[spec.index] = idx
             self._due[idx].append(t)
 
-    def _choose(self, rid: str, prompt: list[int], priority: int) -> int:
-        """The dispatcher's instance (an index) for a request of this prompt."""
-        loads = self._loads() if self._loads_needed else \
-            [_Lite(x.instance_id, x.instance_id in self.draining) for x in self.live]
+    def _choose(self, rid: str, prompt: list[int], priority: int, lite: list[_Lite] | None = None) -> int:
+        """The dispatcher's instance (an index) for a request of this prompt (``lite``: the instances, where the
+        dispatcher reads no load)."""
+        loads = self._loads() if self._loads_needed else lite or self._lite()
         chosen = self.dispatch.choose(loads, DispatchInfo(rid, len(prompt), hash(tuple(prompt[:64])), priority))
         return int(chosen[1:])
+
+    def _lite(self) -> list[_Lite]:
+        return [_Lite(x.instance_id, x.instance_id in self.draining) for x in self.live]
 
     @staticmethod
     def _new_tokens(spec: RequestSpec) -> list[int]:
