@@ -201,13 +201,18 @@ def test_cache_salt_scopes_prefix_hits():
 
 
 def test_block_hashes_are_128_bit_digests_that_chain():
-    from tokenyard.kv.hashing import extend_block_hashes, root_hash
+    from tokenyard.kv.hashing import extend_block_hashes, hash_block, root_hash
 
     a, b = [], []
     extend_block_hashes(a, [1, 2, 3, 4, 5, 6, 7, 8], 4)
     extend_block_hashes(b, [9, 9, 9, 9, 5, 6, 7, 8], 4)
     assert all(isinstance(h, bytes) and len(h) == 16 for h in a)
     assert a[1] != b[1], "the second block's hash covers the first block too"
+    assert a == [hash_block(root_hash(None), [1, 2, 3, 4]), hash_block(a[0], [5, 6, 7, 8])]
+    c = []
+    extend_block_hashes(c, [1, 2, 3, 4, 5], 4)   # one full block now, the second later: the same chain
+    extend_block_hashes(c, [1, 2, 3, 4, 5, 6, 7, 8, 9], 4)
+    assert c == a
     assert root_hash("x") != root_hash(None) == root_hash("")
 
 
@@ -216,7 +221,7 @@ def test_a_hash_collision_cannot_serve_another_prompts_kv(monkeypatch):
     hash and tokens) is the request's own, so a different prompt gets no hit and the same prompt still does."""
     from tokenyard.kv import hashing
 
-    monkeypatch.setattr(hashing, "hash_block", lambda parent, tokens: b"\0" * 16)
+    monkeypatch.setattr(hashing, "hash_bytes", lambda parent, data: b"\0" * 16)
     kv = KVCacheManager(64, 4, 0, True)
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), kv)
     sched.add_request(Request("a", list(range(3, 19)), 1, arrival_time=0.0))

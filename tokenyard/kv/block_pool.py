@@ -163,19 +163,24 @@ class BlockPool:
                 self._clean[a:b] = zeros
                 self._num_clean -= b - a
                 return
+        free, clean, cached_free, cached, blocks = self._free, self._clean, self._cached_free, self._cached, self.blocks
+        taken_clean = evicted = 0
         for i in ids:
-            self._free[i] = 0
-            if self._clean[i]:
-                self._clean[i] = 0
-                self._num_clean -= 1
+            free[i] = 0
+            if clean[i]:
+                clean[i] = 0
+                taken_clean += 1
                 continue
-            del self._cached_free[i]
-            block = self.blocks[i]
-            if self._cached.get(block.block_hash) is block:
-                del self._cached[block.block_hash]
+            del cached_free[i]
+            block = blocks[i]
+            h = block.block_hash
+            if cached.get(h) is block:
+                del cached[h]
             block.block_hash = None
             block.content = None
-            self.num_evictions += 1
+            evicted += 1
+        self._num_clean -= taken_clean
+        self.num_evictions += evicted
 
     def touch(self, blocks: list[Block]) -> None:
         """Take a reference on each block (cache hits; a transfer pinning the blocks it copies)."""

@@ -28,8 +28,13 @@ def root_hash(salt: str | None = None) -> BlockHash:
 
 
 def hash_block(parent_hash: BlockHash, token_ids: list[int] | tuple[int, ...]) -> BlockHash:
+    return hash_bytes(parent_hash, array("q", token_ids))
+
+
+def hash_bytes(parent_hash: BlockHash, data) -> BlockHash:
+    """The digest of a block whose token ids, as 64-bit integers, are the bytes of ``data``."""
     h = blake2b(parent_hash, digest_size=_DIGEST)
-    h.update(array("q", token_ids).tobytes())
+    h.update(data)
     return h.digest()
 
 
@@ -37,7 +42,14 @@ def extend_block_hashes(hashes: list[BlockHash], token_ids: list[int], block_siz
                         salt: str | None = None) -> None:
     """Append hashes for every full block of ``token_ids`` not hashed yet (the chain starts from the salt)."""
     n_full = len(token_ids) // block_size
+    start = len(hashes)
+    if start >= n_full:
+        return
     parent = hashes[-1] if hashes else root_hash(salt)
-    for i in range(len(hashes), n_full):
-        parent = hash_block(parent, token_ids[i * block_size:(i + 1) * block_size])
+    # The new blocks' tokens as one array: each block hashes a slice of its bytes (what hash_block hashes).
+    tokens = array("q", token_ids[start * block_size:n_full * block_size])
+    data = memoryview(tokens).cast("B")
+    step = block_size * tokens.itemsize
+    for off in range(0, (n_full - start) * step, step):
+        parent = hash_bytes(parent, data[off:off + step])
         hashes.append(parent)
