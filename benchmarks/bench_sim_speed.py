@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trace", default=str(TRACE))
     p.add_argument("--num-requests", type=int, default=10_000)
-    p.add_argument("--instances", default="1,16")
+    p.add_argument("--instances", default="1,16,64")
     p.add_argument("--run-vidur", action="store_true", help="rerun Vidur (needs its venv: run_vidur.sh makes it)")
     p.add_argument("--repeats", type=int, default=2, help="runs of each variant (each a fresh process)")
     p.add_argument("--cprofile", action="store_true")

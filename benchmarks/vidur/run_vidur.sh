@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Measure Vidur (PyPI vidur==0.0.26) simulation speed: requests simulated per wall second.
 # usage: run_vidur.sh [TRACE_CSV] [NUM_REQUESTS] ["REPLICA COUNTS"]
-#   defaults: /work/shared/data/traces/azure_llm_2023_conv.csv 10000 "1 16"
+#   defaults: /work/shared/data/traces/azure_llm_2023_conv.csv 10000 "1 16 64"
 # env: VENV (/tmp/vidur-venv), WORK (/tmp/vidur-work), PROFILES (/work/shared/data/vidur-profiles),
 #      REPEATS (2), OUT_JSON (<this dir>/vidur_speed.json)
 # Everything runs under nice -n 19 with one thread. No network needed except PyPI for the install.
 set -euo pipefail
 TRACE=$(realpath "${1:-/work/shared/data/traces/azure_llm_2023_conv.csv}")
 N=${2:-10000}
-REPLICAS=${3:-"1 16"}
+REPLICAS=${3:-"1 16 64"}
 REPEATS=${REPEATS:-2}
 VENV=${VENV:-/tmp/vidur-venv}
 WORK=${WORK:-/tmp/vidur-work}
