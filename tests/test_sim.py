@@ -499,3 +499,21 @@ def test_repeated_additions_with_numpy_are_the_loop_s_floats(x, c, times, last):
         before.append(want[times - last])
         after.append(want[times])
     assert repeat_add(tuple(x), tuple(cs), times, last) == (tuple(before), tuple(after))
+
+
+@pytest.mark.parametrize("collapse", [True, False])
+def test_without_token_times_the_first_and_last_token_times_are_kept(collapse):
+    """``--no-token-times`` keeps each request's first and last token times (TTFT, end to end), the very floats a
+    run that keeps every token time gives. A prompt whose last token runs as a 1-token chunk samples its first
+    token inside a span (budget 64, prompts up to 120: some end that way): the span must keep that time."""
+    specs = _trace_like(80, seed=5)
+    sched = SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=32)
+    runs = {}
+    for tokens in (True, False):
+        cfg = SimConfig(max_model_len=400, collapse=collapse, record_tokens=tokens, check_invariants=True)
+        runs[tokens] = Simulator(sched, ToyCost(400), cfg).run(specs)
+    full, short = runs[True], runs[False]
+    assert full.steps == short.steps and (full.span_steps > 0) == collapse
+    for a, b in zip(full.records, short.records):
+        assert (a.ttft_s, a.latency_s) == (b.ttft_s, b.latency_s)
+        assert b.token_s == ([a.token_s[0], a.token_s[-1]] if len(a.token_s) > 1 else a.token_s)

@@ -332,6 +332,11 @@ class SimInstance:
                 seg = ends[:done]
                 for r in running:
                     self.times[r.request_id].token_times.extend(seg)
+            else:   # first token times only: a request whose last prompt token ran as a 1-token chunk samples
+                for r in running:   # its first token in the span
+                    first = self.times[r.request_id].token_times
+                    if not first:
+                        first.append(ends[0])
         end = ends[steps - 1]
         self.now = end
         st = self.stats
