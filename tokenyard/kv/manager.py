@@ -182,26 +182,30 @@ class KVCacheManager:
         if n_new > self.pool.num_free_if_touched(list(new_computed)):
             return False
         blocks = self.req_blocks.setdefault(req_id, [])
-        ids = self._ids.pop(req_id, None) if new_computed or n_new else None
         if new_computed:
+            self._ids.pop(req_id, None)
             self.pool.touch(list(new_computed))
             blocks.extend(new_computed)
         if n_new:
             new = self.pool.allocate(n_new, self._after(blocks))
             blocks.extend(new)
-            if ids is not None and not new_computed:   # a new list (chunks of earlier steps may hold the old one)
-                self._ids[req_id] = ids + [b.block_id for b in new]
+            self._extend_ids(req_id, new)
         return True
 
     def append_block(self, req_id: str) -> None:
         """One more block at the end of the request's blocks (a decode crossing a block boundary). The caller
         made sure a block is free."""
         held = self.req_blocks[req_id]
-        block = self.pool.allocate_one(held[-1].block_id if held and self.block_groups else None)
+        block = self.pool.allocate_one(self._after(held))
         held.append(block)
+        self._extend_ids(req_id, (block,))
+
+    def _extend_ids(self, req_id: str, new: list[Block] | tuple[Block, ...]) -> None:
+        """The cached block-id list of a request that got ``new`` blocks at its end: a new list (chunks of earlier
+        steps may hold the old one)."""
         ids = self._ids.get(req_id)
-        if ids is not None:   # a new list (chunks of earlier steps may hold the old one)
-            self._ids[req_id] = [*ids, block.block_id]
+        if ids is not None:
+            self._ids[req_id] = ids + [b.block_id for b in new]
 
     def _after(self, blocks: list[Block]) -> int | None:
         return blocks[-1].block_id if blocks and self.block_groups else None

@@ -300,14 +300,12 @@ class SimInstance:
                     if head_next_hash is not None and kv.pool.get_cached_block(head_next_hash) is not None:
                         done, final, cut = j + 1, False, True
                         break
-        if done == 0 and not final:
-            for r in running:
-                del r.all_token_ids[len(r.all_token_ids) - kb:]
-            self._steady = False
-            return False
-        if done < kb:
+        if done < kb:   # the tokens of the steps not taken
             for r in running:
                 del r.all_token_ids[len(r.all_token_ids) - (kb - done):]
+        if done == 0 and not final:
+            self._steady = False
+            return False
         if final:   # the finishing step's decision: every running request's decode, most urgent first
             if not static:
                 if done > charged:
@@ -381,7 +379,6 @@ class SimInstance:
         if i >= min((head.num_tokens - 1) // kv.block_size, len(hashes)):
             return None
         return hashes[i]
-
 
 
 def repeat_add(xs: tuple[float, ...], cs: tuple[float, ...], times: int, last: int = 0
