@@ -189,7 +189,7 @@ class KVCacheManager:
         if n_new:
             new = self.pool.allocate(n_new, self._after(blocks))
             blocks.extend(new)
-            self._extend_ids(req_id, new)
+            self._extend_ids(req_id, [b.block_id for b in new])
         return True
 
     def append_block(self, req_id: str) -> None:
@@ -198,14 +198,14 @@ class KVCacheManager:
         held = self.req_blocks[req_id]
         block = self.pool.allocate_one(self._after(held))
         held.append(block)
-        self._extend_ids(req_id, (block,))
+        self._extend_ids(req_id, [block.block_id])
 
-    def _extend_ids(self, req_id: str, new: list[Block] | tuple[Block, ...]) -> None:
-        """The cached block-id list of a request that got ``new`` blocks at its end: a new list (chunks of earlier
-        steps may hold the old one)."""
+    def _extend_ids(self, req_id: str, new_ids: list[int]) -> None:
+        """The cached block-id list of a request whose blocks grew by ``new_ids`` at the end: a new list (chunks of
+        earlier steps may hold the old one)."""
         ids = self._ids.get(req_id)
         if ids is not None:
-            self._ids[req_id] = ids + [b.block_id for b in new]
+            self._ids[req_id] = ids + new_ids
 
     def _after(self, blocks: list[Block]) -> int | None:
         return blocks[-1].block_id if blocks and self.block_groups else None
